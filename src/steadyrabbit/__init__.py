@@ -1,0 +1,75 @@
+"""steadyrabbit: RabbitMQ consumers with slow handlers, made safe.
+
+The event loop owns the AMQP connection, so heartbeats flow however long a handler runs; sync
+handlers run in threads, async ones as tasks. Prefetch is never unlimited, a failed message goes
+to ``<queue>.dlq`` (never into a requeue loop), the connection is recovered with backoff across
+several brokers, and shutdown finishes the work in flight. Failures are retried later through
+per-delay retry queues (no broker plugin) and end in ``<queue>.dlq``, and so do crash loops.
+"""
+
+from ._app import App, HandlerSpec
+from ._consumer import Outcome
+from ._dlq import (
+    DeadLetter,
+    DeadLetterReport,
+    ReplayResult,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
+from ._errors import (
+    AccessRefusedError,
+    AuthenticationError,
+    BrokerUnreachableError,
+    ChannelClosedError,
+    ClosedByUserError,
+    ConfigurationError,
+    ConnectionLostError,
+    PermanentBrokerError,
+    Reject,
+    Retry,
+    SteadyRabbitError,
+    TopologyConflictError,
+)
+from ._message import Message
+from ._relay import relay_app
+from ._retry import RetryPolicy
+from ._settings import Settings
+from ._stats import Stats
+from ._url import BrokerAddress, mask_url, parse_url
+from ._worker import Worker, run, serve
+
+__all__ = [
+    "AccessRefusedError",
+    "App",
+    "AuthenticationError",
+    "BrokerAddress",
+    "BrokerUnreachableError",
+    "ChannelClosedError",
+    "ClosedByUserError",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "DeadLetter",
+    "DeadLetterReport",
+    "HandlerSpec",
+    "Message",
+    "Outcome",
+    "PermanentBrokerError",
+    "Reject",
+    "ReplayResult",
+    "Retry",
+    "RetryPolicy",
+    "Settings",
+    "Stats",
+    "SteadyRabbitError",
+    "TopologyConflictError",
+    "Worker",
+    "list_dead_letters",
+    "mask_url",
+    "parse_url",
+    "purge_dead_letters",
+    "relay_app",
+    "replay_dead_letters",
+    "run",
+    "serve",
+]

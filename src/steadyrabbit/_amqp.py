@@ -1,0 +1,587 @@
+"""The protocol layer: an awaitable face on pika's asyncio adapter.
+
+pika does the AMQP 0-9-1 framing and heartbeats on the running event loop; this module turns its
+callbacks into awaitables, translates its exceptions into steadyrabbit's tree and knows nothing of
+consumers, retries or handlers. Everything here must be called from the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pika
+import pika.channel
+import pika.exceptions
+import pika.frame
+import pika.spec
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils import connection_workflow
+
+from ._errors import (
+    AccessRefusedError,
+    AuthenticationError,
+    BrokerUnreachableError,
+    ChannelClosedError,
+    ClosedByUserError,
+    ConnectionLostError,
+    SteadyRabbitError,
+)
+from ._headers import PUBLISH_ID
+from ._url import BrokerAddress
+
+__all__ = ["AmqpChannel", "AmqpConnection", "first_connection", "translate_connection_error"]
+
+OnMessage = Callable[
+    [pika.channel.Channel, pika.spec.Basic.Deliver, pika.spec.BasicProperties, bytes], None
+]
+
+# AMQP reply codes the broker uses when it closes a connection or channel.
+ACCESS_REFUSED = 403
+NOT_FOUND = 404
+RESOURCE_LOCKED = 405
+PRECONDITION_FAILED = 406
+CONNECTION_FORCED = 320
+NOT_ALLOWED = 530
+
+
+
+def translate_connection_error(exc: BaseException, address: BrokerAddress) -> SteadyRabbitError:
+    """Map a pika connection failure to steadyrabbit's tree: permanent or transient."""
+    # pika nests the real cause: AMQPConnectionError(WorkflowFailed([PhaseError(OSError)])).
+    if (
+        type(exc) is pika.exceptions.AMQPConnectionError
+        and exc.args
+        and isinstance(exc.args[0], BaseException)
+    ):
+        return translate_connection_error(exc.args[0], address)
+    if isinstance(exc, connection_workflow.AMQPConnectionWorkflowFailed) and exc.exceptions:
+        return translate_connection_error(exc.exceptions[-1], address)
+    while isinstance(exc, connection_workflow.AMQPConnectorPhaseErrorBase) and exc.exception:
+        exc = exc.exception
+    where = address.display
+    if isinstance(exc, SteadyRabbitError):
+        return exc
+    if isinstance(exc, pika.exceptions.ConnectionClosedByClient):
+        return ClosedByUserError(f"connection to {where} closed by this process")
+    if isinstance(
+        exc, pika.exceptions.AuthenticationError | pika.exceptions.ProbableAuthenticationError
+    ):
+        return _login_refused(address)
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return _vhost_refused(address)
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
+        if exc.reply_code == ACCESS_REFUSED:
+            if "login" in exc.reply_text.lower():
+                return _login_refused(address)
+            return AccessRefusedError(
+                f"the broker at {where} refused access: {exc.reply_text}; "
+                "grant the user permissions on this virtual host"
+            )
+        if exc.reply_code == NOT_ALLOWED:
+            return _vhost_refused(address)
+        return ConnectionLostError(
+            f"connection to {where} closed by the broker: {exc.reply_code} {exc.reply_text}",
+            cause="closed_by_broker",
+        )
+    if isinstance(exc, pika.exceptions.AMQPHeartbeatTimeout):
+        return ConnectionLostError(
+            f"connection to {where} lost: missed heartbeats ({exc})", cause="missed_heartbeats"
+        )
+    if isinstance(exc, pika.exceptions.StreamLostError):
+        return ConnectionLostError(f"connection to {where} lost: {exc}")
+    if isinstance(exc, pika.exceptions.IncompatibleProtocolError):
+        return ConnectionLostError(
+            f"{where} did not answer as an AMQP 0-9-1 broker ({exc!r})", cause="connect_failed"
+        )
+    if isinstance(exc, connection_workflow.AMQPConnectorStackTimeout):
+        return ConnectionLostError(f"connecting to {where} timed out", cause="connect_failed")
+    if isinstance(exc, OSError):
+        return ConnectionLostError(f"could not connect to {where}: {exc}", cause="connect_failed")
+    return ConnectionLostError(f"connection to {where} failed: {exc!r}")
+
+
+def _login_refused(address: BrokerAddress) -> AuthenticationError:
+    return AuthenticationError(
+        f"the broker at {address.display} refused the login of user {address.username!r}: "
+        "check the user name and password in the URL"
+    )
+
+
+def _vhost_refused(address: BrokerAddress) -> AccessRefusedError:
+    return AccessRefusedError(
+        f"the broker at {address.display} refused access to virtual host {address.vhost!r} "
+        f"for user {address.username!r}: check that it exists and that the user has permissions"
+    )
+
+
+def _translate_channel_error(exc: BaseException) -> SteadyRabbitError:
+    if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        return ChannelClosedError(exc.reply_code, exc.reply_text)
+    if isinstance(exc, pika.exceptions.ChannelClosedByClient):
+        return ClosedByUserError("channel closed by this process")
+    if isinstance(exc, pika.exceptions.ConnectionClosedByClient):
+        return ClosedByUserError("connection closed by this process")
+    return ConnectionLostError(f"channel lost with its connection: {exc}")
+
+
+def _connection_parameters(
+    address: BrokerAddress, *, heartbeat: int, connect_timeout: float, name: str
+) -> pika.ConnectionParameters:
+    ssl_options = None
+    if address.tls:
+        ssl_options = pika.SSLOptions(ssl.create_default_context(), address.host)
+    timeout = address.connection_timeout or connect_timeout
+    return pika.ConnectionParameters(
+        host=address.host,
+        port=address.port,
+        virtual_host=address.vhost,
+        credentials=pika.PlainCredentials(
+            address.username, address.password, erase_on_connect=False
+        ),
+        heartbeat=address.heartbeat if address.heartbeat is not None else heartbeat,
+        connection_attempts=1,
+        retry_delay=0,
+        socket_timeout=timeout,
+        stack_timeout=timeout * 2,
+        ssl_options=ssl_options,
+        client_properties={"connection_name": name, "product": "steadyrabbit"},
+    )
+
+
+class AmqpConnection:
+    """One open AMQP connection. ``closed`` resolves, never raises, with the reason it closed."""
+
+    def __init__(self, raw: AsyncioConnection, address: BrokerAddress) -> None:
+        self._raw = raw
+        self.address = address
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[SteadyRabbitError] = loop.create_future()
+        self._channels: weakref.WeakSet[AmqpChannel] = weakref.WeakSet()
+
+    @classmethod
+    async def open(
+        cls, address: BrokerAddress, *, heartbeat: int, connect_timeout: float, name: str
+    ) -> AmqpConnection:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[AmqpConnection] = loop.create_future()
+        holder: list[AmqpConnection] = []
+
+        def on_open(raw: Any) -> None:
+            connection = cls(raw, address)
+            holder.append(connection)
+            if not opened.done():
+                opened.set_result(connection)
+
+        def on_open_error(_raw: Any, exc: BaseException | str) -> None:
+            error = exc if isinstance(exc, BaseException) else ConnectionLostError(str(exc))
+            if not opened.done():
+                opened.set_exception(translate_connection_error(error, address))
+
+        def on_close(_raw: Any, exc: BaseException) -> None:
+            if holder:
+                holder[0]._on_closed(exc)
+
+        raw = AsyncioConnection(
+            _connection_parameters(
+                address, heartbeat=heartbeat, connect_timeout=connect_timeout, name=name
+            ),
+            on_open_callback=on_open,
+            on_open_error_callback=on_open_error,
+            on_close_callback=on_close,
+            custom_ioloop=loop,
+        )
+        try:
+            return await opened
+        except asyncio.CancelledError:
+            if not raw.is_closed and not raw.is_closing:
+                raw.close()
+            raise
+
+    def _on_closed(self, exc: BaseException) -> None:
+        if not self.closed.done():
+            self.closed.set_result(translate_connection_error(exc, self.address))
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._raw.is_open)
+
+    @property
+    def negotiated_heartbeat(self) -> int:
+        # pika stores the value agreed in connection.tune back into its parameters.
+        heartbeat = self._raw.params.heartbeat
+        return heartbeat if isinstance(heartbeat, int) else 0
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the broker on this connection so far (pika's own counter)."""
+        return int(self._raw.bytes_received)  # type: ignore[attr-defined]  # not in the stubs
+
+    @property
+    def server_properties(self) -> dict[str, Any]:
+        return dict(getattr(self._raw, "server_properties", None) or {})
+
+    async def channel(self) -> AmqpChannel:
+        if not self.is_open:
+            raise ConnectionLostError(f"connection to {self.address.display} is not open")
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[pika.channel.Channel] = loop.create_future()
+
+        def on_open(raw_channel: pika.channel.Channel) -> None:
+            if not opened.done():
+                opened.set_result(raw_channel)
+
+        raw_channel = self._raw.channel(on_open_callback=on_open)
+        channel = AmqpChannel(raw_channel, self)
+        self._channels.add(channel)
+        # If the connection dies before Channel.OpenOk arrives, the close callback fails us.
+        def on_closed(closed: asyncio.Future[SteadyRabbitError]) -> None:
+            if not opened.done():
+                opened.set_exception(closed.result())
+
+        channel.closed.add_done_callback(on_closed)
+        await opened
+        return channel
+
+    def close(self) -> None:
+        """Start closing; ``closed`` resolves with :class:`ClosedByUserError` when done.
+
+        Acks still waiting for the end of this event-loop turn are sent first.
+        """
+        if not (self._raw.is_closing or self._raw.is_closed):
+            for channel in list(self._channels):
+                channel.flush_acks()
+            self._raw.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await self.closed
+
+
+class AmqpChannel:
+    """One channel. Every awaitable fails with the channel's close reason if it closes first."""
+
+    def __init__(self, raw: pika.channel.Channel, connection: AmqpConnection) -> None:
+        self.raw = raw
+        self.connection = connection
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.closed: asyncio.Future[SteadyRabbitError] = loop.create_future()
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._confirms: dict[int, asyncio.Future[None]] = {}
+        self._returned: dict[str, asyncio.Future[None]] = {}
+        self._publish_seq = 0
+        self._publish_ids = itertools.count(1)
+        # Ack coalescing. The consumer appends every delivery's tag to ``unsettled`` (in
+        # delivery order, so ascending) as it arrives; ``ack`` and ``nack`` take them out.
+        self.unsettled: deque[int] = deque()
+        self._acks_due: set[int] = set()
+        self._flush: asyncio.Handle | None = None
+        self._on_cancel: Callable[[str], None] | None = None
+        raw.add_on_close_callback(self._on_raw_close)
+        raw.add_on_cancel_callback(self._on_raw_cancel)
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.raw.is_open)
+
+    @property
+    def number(self) -> int:
+        return int(self.raw.channel_number)
+
+    def _on_raw_close(self, _raw: Any, exc: BaseException) -> None:
+        error = _translate_channel_error(exc)
+        if not self.closed.done():
+            self.closed.set_result(error)
+        for future in (*self._pending, *self._confirms.values()):
+            if not future.done():
+                future.set_exception(error)
+        for returned in self._returned.values():
+            returned.cancel()
+        self._pending.clear()
+        self._confirms.clear()
+        self._returned.clear()
+
+    def _on_raw_cancel(self, frame: pika.frame.Method[Any]) -> None:
+        if self._on_cancel is not None:
+            self._on_cancel(frame.method.consumer_tag)
+
+    def on_broker_cancel(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(consumer_tag)`` when the broker cancels a consumer (``basic.cancel``)."""
+        self._on_cancel = callback
+
+    async def _rpc(self, start: Callable[[Callable[[Any], None]], None]) -> Any:
+        if self.closed.done():
+            raise self.closed.result()
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.add(future)
+
+        def done(frame: Any) -> None:
+            if not future.done():
+                future.set_result(frame)
+
+        try:
+            start(done)
+            return await future
+        except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError):
+            raise ConnectionLostError("channel is not open") from None
+        finally:
+            self._pending.discard(future)
+
+    async def qos(self, prefetch_count: int) -> None:
+        await self._rpc(lambda cb: self.raw.basic_qos(prefetch_count=prefetch_count, callback=cb))
+
+    async def declare_exchange(
+        self, name: str, kind: str, *, durable: bool = True, passive: bool = False
+    ) -> None:
+        await self._rpc(
+            lambda cb: self.raw.exchange_declare(
+                exchange=name, exchange_type=kind, durable=durable, passive=passive, callback=cb
+            )
+        )
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        passive: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> tuple[int, int]:
+        """Declare a queue; return its (message count, consumer count)."""
+        frame = await self._rpc(
+            lambda cb: self.raw.queue_declare(
+                queue=name, durable=durable, passive=passive, arguments=arguments, callback=cb
+            )
+        )
+        return int(frame.method.message_count), int(frame.method.consumer_count)
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._rpc(
+            lambda cb: self.raw.queue_bind(
+                queue=queue, exchange=exchange, routing_key=routing_key, callback=cb
+            )
+        )
+
+    async def consume(self, queue: str, on_message: OnMessage) -> str:
+        """Start consuming with manual acks; return the consumer tag once ``ConsumeOk`` came."""
+        tags: list[str] = []
+        await self._rpc(
+            lambda cb: tags.append(
+                self.raw.basic_consume(queue=queue, on_message_callback=on_message, callback=cb)
+            )
+        )
+        return tags[0]
+
+    async def cancel(self, consumer_tag: str) -> None:
+        await self._rpc(lambda cb: self.raw.basic_cancel(consumer_tag=consumer_tag, callback=cb))
+
+    async def get(
+        self, queue: str
+    ) -> tuple[pika.spec.Basic.GetOk, pika.spec.BasicProperties, bytes] | None:
+        """``basic.get`` with manual ack: the next ready message of ``queue``, or None."""
+        got: list[tuple[pika.spec.Basic.GetOk, pika.spec.BasicProperties, bytes]] = []
+
+        def start(cb: Callable[[Any], None]) -> None:
+            def on_message(
+                _ch: Any,
+                method: pika.spec.Basic.GetOk,
+                props: pika.spec.BasicProperties,
+                body: bytes,
+            ) -> None:
+                self.raw.callbacks.remove(self.number, pika.spec.Basic.GetEmpty, cb)
+                got.append((method, props, body))
+                cb(None)
+
+            # An empty queue answers Basic.GetEmpty instead of GetOk.
+            self.raw.add_callback(cb, [pika.spec.Basic.GetEmpty], one_shot=True)
+            self.raw.basic_get(queue=queue, callback=on_message, auto_ack=False)
+
+        await self._rpc(start)
+        return got[0] if got else None
+
+    async def purge(self, queue: str) -> int:
+        """Remove every ready message of ``queue``; return how many."""
+        frame = await self._rpc(lambda cb: self.raw.queue_purge(queue=queue, callback=cb))
+        return int(frame.method.message_count)
+
+    def ack(self, delivery_tag: int) -> None:
+        """Ack a delivery at the end of this event-loop turn, coalesced with its neighbours.
+
+        Every ack completed in one turn goes out together: the longest run of settled tags at
+        the head of the delivery order as one ``multiple=True`` ack, and any tag completed
+        behind a still-running message on its own, at once. No ack waits for a slow handler,
+        and none acks a message that has not finished.
+        """
+        self._acks_due.add(delivery_tag)
+        if self._flush is None:
+            self._flush = self._loop.call_soon(self.flush_acks)
+
+    def flush_acks(self) -> None:
+        """Send the acks due now rather than at the end of this event-loop turn."""
+        self._flush = None
+        due = self._acks_due
+        if not due:
+            return
+        if not self.raw.is_open:
+            due.clear()  # the broker requeues them: nothing to send, nowhere to send it
+            return
+        unsettled = self.unsettled
+        highest = 0
+        while unsettled and unsettled[0] in due:
+            highest = unsettled.popleft()
+            due.discard(highest)
+        if highest:
+            self.raw.basic_ack(delivery_tag=highest, multiple=True)
+        if due:
+            for tag in sorted(due):
+                self._forget(tag)
+                self.raw.basic_ack(delivery_tag=tag, multiple=False)
+            due.clear()
+
+    def _forget(self, delivery_tag: int) -> None:
+        with contextlib.suppress(ValueError):
+            self.unsettled.remove(delivery_tag)
+
+    def nack(self, delivery_tag: int, *, requeue: bool, multiple: bool = False) -> None:
+        """Nack now (rare: never for a failed handler). Acks already due go out first, so a
+        ``multiple`` nack cannot cover a tag that an earlier ack is about to settle."""
+        self.flush_acks()
+        if multiple:
+            while self.unsettled and self.unsettled[0] <= delivery_tag:
+                self.unsettled.popleft()
+        else:
+            self._forget(delivery_tag)
+        self.raw.basic_nack(delivery_tag=delivery_tag, multiple=multiple, requeue=requeue)
+
+    async def enable_confirms(self) -> None:
+        self.raw.add_on_return_callback(self._on_return)
+        await self._rpc(
+            lambda cb: self.raw.confirm_delivery(ack_nack_callback=self._on_confirm, callback=cb)
+        )
+
+    def _on_confirm(self, frame: pika.frame.Method[Any]) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = (
+            [tag for tag in self._confirms if tag <= method.delivery_tag]
+            if method.multiple
+            else [method.delivery_tag]
+        )
+        for tag in tags:
+            future = self._confirms.pop(tag, None)
+            if future is not None and not future.done():
+                if acked:
+                    future.set_result(None)
+                else:
+                    future.set_exception(
+                        ConnectionLostError("the broker refused the message (basic.nack)")
+                    )
+
+    def _on_return(
+        self,
+        _raw: Any,
+        method: pika.spec.Basic.Return,
+        properties: pika.spec.BasicProperties,
+        _body: bytes,
+    ) -> None:
+        publish_id = (properties.headers or {}).get(PUBLISH_ID)
+        future = self._returned.pop(str(publish_id), None)
+        if future is not None and not future.done():
+            future.set_exception(
+                ChannelClosedError(method.reply_code or 0, f"message returned: {method.reply_text}")
+            )
+
+    async def publish_confirmed(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.spec.BasicProperties,
+    ) -> None:
+        """Publish as mandatory on a confirm channel; return once the broker has confirmed it.
+
+        Raises if the broker nacks it, returns it as unroutable, or the channel closes first.
+        """
+        if self.closed.done():
+            raise self.closed.result()
+        publish_id = str(next(self._publish_ids))
+        headers = dict(properties.headers or {})
+        headers[PUBLISH_ID] = publish_id
+        properties.headers = headers
+        self._publish_seq += 1
+        confirmed: asyncio.Future[None] = self._loop.create_future()
+        returned: asyncio.Future[None] = self._loop.create_future()
+        self._confirms[self._publish_seq] = confirmed
+        self._returned[publish_id] = returned
+        try:
+            self.raw.basic_publish(
+                exchange=exchange,
+                routing_key=routing_key,
+                body=body,
+                properties=properties,
+                mandatory=True,
+            )
+            await confirmed
+            # A basic.return always precedes the basic.ack of the same message.
+            if returned.done():
+                returned.result()
+        except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError):
+            raise ConnectionLostError("channel is not open") from None
+        finally:
+            self._returned.pop(publish_id, None)
+            if not returned.done():
+                returned.cancel()
+
+    def close(self) -> None:
+        if self.raw.is_open:
+            self.flush_acks()
+            self.raw.close()
+
+
+_CLOSE_TIMEOUT = 5.0
+
+
+@contextlib.asynccontextmanager
+async def first_connection(
+    addresses: Sequence[BrokerAddress],
+    *,
+    heartbeat: int,
+    connect_timeout: float,
+    name: str,
+    unreachable: list[str] | None = None,
+) -> AsyncIterator[AmqpConnection]:
+    """One connection to the first broker that answers, for one-shot operations (not a worker:
+    each address is tried once); closed on the way out.
+
+    Permanent refusals (credentials, permissions) are raised as they are; the errors of the
+    brokers that did not answer are appended to ``unreachable`` when given.
+    """
+    errors = unreachable if unreachable is not None else []
+    connection: AmqpConnection | None = None
+    for address in addresses:
+        try:
+            connection = await AmqpConnection.open(
+                address, heartbeat=heartbeat, connect_timeout=connect_timeout, name=name
+            )
+        except ConnectionLostError as exc:
+            errors.append(str(exc))
+            continue
+        break
+    if connection is None:
+        tried = ", ".join(a.display for a in addresses)
+        last = errors[-1] if errors else "?"
+        raise BrokerUnreachableError(f"no broker answered (tried {tried}); last error: {last}")
+    try:
+        yield connection
+    finally:
+        connection.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await asyncio.shield(connection.closed)

@@ -1,0 +1,98 @@
+"""Every exception steadyrabbit raises derives from :class:`SteadyRabbitError`.
+
+The tree::
+
+    SteadyRabbitError
+    ├── ConfigurationError         a setting, URL or option is malformed; nothing was attempted
+    ├── PermanentBrokerError       the broker refused something retrying cannot fix: stop
+    │   ├── AuthenticationError    wrong user name or password
+    │   ├── AccessRefusedError     no access to the virtual host or resource
+    │   └── TopologyConflictError  a queue or exchange exists with other properties
+    ├── BrokerUnreachableError     no broker answered within the first-connection budget
+    ├── ConnectionLostError        transient: the connection broke; the supervisor reconnects
+    ├── ChannelClosedError         the broker closed a channel (reply code and text attached)
+    ├── ClosedByUserError          you closed it; nothing is reconnected
+    ├── Reject                     control flow: a handler raises it to dead-letter the message
+    └── Retry                      control flow: a handler raises it to retry after a delay
+
+"It broke" (:class:`ConnectionLostError`, :class:`ChannelClosedError`) is kept apart from
+"you closed it" (:class:`ClosedByUserError`): only the former is ever recovered.
+"""
+
+from __future__ import annotations
+
+
+class SteadyRabbitError(Exception):
+    """Root of every steadyrabbit exception."""
+
+
+class ConfigurationError(SteadyRabbitError):
+    """A setting, URL or CLI option is malformed."""
+
+
+class PermanentBrokerError(SteadyRabbitError):
+    """The broker refused a request in a way that reconnecting cannot fix."""
+
+
+class AuthenticationError(PermanentBrokerError):
+    """The broker rejected the credentials."""
+
+
+class AccessRefusedError(PermanentBrokerError):
+    """The user may not use this virtual host or resource."""
+
+
+class TopologyConflictError(PermanentBrokerError):
+    """An exchange or queue already exists with properties that differ from the declaration."""
+
+
+class BrokerUnreachableError(SteadyRabbitError):
+    """No configured broker accepted a connection within the first-connection budget."""
+
+
+class ConnectionLostError(SteadyRabbitError):
+    """The connection broke: reset, missed heartbeats, closed by the broker. Transient.
+
+    ``cause`` is a short label for logs and metrics: ``connection_lost``, ``missed_heartbeats``,
+    ``closed_by_broker``, ``connect_failed``.
+    """
+
+    def __init__(self, message: str, *, cause: str = "connection_lost") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class ChannelClosedError(SteadyRabbitError):
+    """The broker closed a channel; ``reply_code`` and ``reply_text`` say why."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f"channel closed by the broker: {reply_code} {reply_text}")
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class ClosedByUserError(SteadyRabbitError):
+    """The connection or channel was closed on purpose by this process."""
+
+
+class Reject(SteadyRabbitError):
+    """Raise from a handler to send the message to the dead-letter queue at once."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Retry(SteadyRabbitError):
+    """Raise from a handler to retry the message later.
+
+    ``delay`` (seconds) overrides the policy's next delay; the policy's ``max_attempts`` still
+    applies, after which the message is dead-lettered with ``reason``.
+    """
+
+    def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
+        if delay is not None and not delay >= 0:
+            raise ValueError("Retry delay must be >= 0 seconds")
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay

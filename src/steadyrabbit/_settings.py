@@ -1,0 +1,71 @@
+"""Deployment settings of a worker: where the brokers are and how patient to be with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._errors import ConfigurationError
+from ._url import BrokerAddress, parse_url
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a :class:`Worker` connects and behaves. Validated on creation.
+
+    ``urls``: brokers tried in turn (several nodes of one cluster).
+    ``heartbeat``: seconds; a dead peer is noticed after about two intervals. 0 disables it, which
+    hides a dead broker for as long as the kernel keeps the socket (minutes): not recommended.
+    ``connect_timeout``: at startup, give up if no broker accepted a connection within this many
+    seconds; once connected, reconnection never gives up.
+    ``grace_period``: on shutdown, how long running handlers may take to finish.
+    ``consumer_timeout``: the broker's delivery acknowledgement timeout in seconds (RabbitMQ's
+    default is 30 minutes); prefetched messages that waited half of it unstarted are returned.
+    ``state_dir``: where the record of redelivered classic-queue messages is kept (crash-loop
+    detection); default ``$STEADYRABBIT_STATE_DIR`` or ``~/.local/state/steadyrabbit``.
+    ``metrics_port``: serve ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz`` over HTTP on
+    this port of ``metrics_host`` while the worker runs; 0 picks a free port (logged, and in
+    :attr:`Worker.metrics_address`); None (the default) serves nothing and costs nothing.
+    """
+
+    urls: tuple[str, ...] = (DEFAULT_URL,)
+    heartbeat: int = 15
+    connect_timeout: float = 60.0
+    grace_period: float = 30.0
+    consumer_timeout: float = 1800.0
+    reconnect_delay: float = 0.5
+    reconnect_delay_max: float = 30.0
+    loop_lag_threshold: float = 1.0
+    name: str = "steadyrabbit"
+    state_dir: Path | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    addresses: tuple[BrokerAddress, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        urls = tuple(self.urls) if not isinstance(self.urls, str) else (self.urls,)
+        if not urls:
+            raise ConfigurationError("no broker URL given")
+        object.__setattr__(self, "urls", urls)
+        object.__setattr__(self, "addresses", tuple(parse_url(url) for url in urls))
+        _require(0 <= self.heartbeat <= 65535, "heartbeat must be between 0 and 65535 seconds")
+        _require(self.connect_timeout > 0, "connect_timeout must be > 0 seconds")
+        _require(self.grace_period >= 0, "grace_period must be >= 0 seconds")
+        _require(self.consumer_timeout > 0, "consumer_timeout must be > 0 seconds")
+        _require(
+            0 < self.reconnect_delay <= self.reconnect_delay_max,
+            "need 0 < reconnect_delay <= reconnect_delay_max",
+        )
+        _require(self.loop_lag_threshold > 0, "loop_lag_threshold must be > 0 seconds")
+        _require(
+            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            "metrics_port must be between 0 and 65535",
+        )
+        _require(bool(self.metrics_host), "metrics_host must not be empty")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(message)

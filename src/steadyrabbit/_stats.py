@@ -1,0 +1,29 @@
+"""Counters a worker keeps; plain integers on the hot path, read by tests, logs and metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    """``acked`` counts every basic.ack sent: handled messages, and originals whose retry or
+    dead-letter copy was confirmed."""
+
+    delivered: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    requeued_unstarted: int = 0
+    requeued_aged: int = 0
+    stale_settlements_dropped: int = 0
+    handler_errors: int = 0
+    channel_recoveries: int = 0
+    consumer_cancels: int = 0
+    loop_stalls: int = 0
+    reconnects: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def reconnect_count(self) -> int:
+        return sum(self.reconnects.values())

@@ -1,0 +1,153 @@
+"""Declaring what a consumer needs, so that an existing queue or exchange is used as it is."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._amqp import ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED, AmqpChannel
+from ._errors import AccessRefusedError, ChannelClosedError, TopologyConflictError
+
+OpenChannel = Callable[[], Awaitable[AmqpChannel]]
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for \w+ '(?P<name>[^']*)' in vhost '[^']*': "
+    r"received (?P<received>.+?) but current is (?P<current>.+)$"
+)
+
+
+def _describe_value(text: str) -> str:
+    text = text.strip()
+    if text == "none":
+        return "(not set)"
+    match = re.match(r"the value (?P<value>.+?) of type '[^']+'$", text)
+    return match.group("value") if match else text
+
+
+def _translate(kind: str, name: str, exc: ChannelClosedError) -> Exception:
+    match = _INEQUIVALENT.search(exc.reply_text)
+    if exc.reply_code == PRECONDITION_FAILED and match:
+        arg = match.group("arg")
+        current = _describe_value(match.group("current"))
+        wanted = _describe_value(match.group("received"))
+        return TopologyConflictError(
+            f"{kind} {name!r} already exists with {arg} = {current}, but steadyrabbit declares "
+            f"it with {arg} = {wanted}: change the setting to match the existing {kind}, or "
+            f"move its messages away and delete it so it can be re-declared"
+        )
+    if exc.reply_code == PRECONDITION_FAILED:
+        return TopologyConflictError(
+            f"{kind} {name!r} already exists with other properties ({exc.reply_text}); "
+            f"use the existing {kind} as it is, or delete it so it can be re-created"
+        )
+    if exc.reply_code == ACCESS_REFUSED:
+        return AccessRefusedError(f"no permission to declare {kind} {name!r}: {exc.reply_text}")
+    return exc
+
+
+async def _ensure(
+    kind: str,
+    name: str,
+    channel: AmqpChannel,
+    open_channel: OpenChannel,
+    declare: Callable[[AmqpChannel, bool], Awaitable[object]],
+) -> AmqpChannel:
+    """Use ``name`` as it is if it exists (passive declaration); else create it.
+
+    A passive declaration of something missing closes the channel, so the returned channel may
+    be a new one from ``open_channel``.
+    """
+    try:
+        await declare(channel, True)
+    except ChannelClosedError as exc:
+        if exc.reply_code != NOT_FOUND:
+            raise _translate(kind, name, exc) from exc
+    else:
+        return channel
+    channel = await open_channel()
+    try:
+        await declare(channel, False)
+    except ChannelClosedError as exc:
+        raise _translate(kind, name, exc) from exc
+    return channel
+
+
+async def ensure_queue(
+    channel: AmqpChannel, open_channel: OpenChannel, name: str, queue_type: str = "classic"
+) -> AmqpChannel:
+    """Use queue ``name`` as it is (any type, any arguments); else declare it durable, of
+    ``queue_type``, with no other argument."""
+    arguments = queue_type_arguments(queue_type)
+    return await _ensure(
+        "queue",
+        name,
+        channel,
+        open_channel,
+        lambda ch, passive: ch.declare_queue(
+            name, durable=True, passive=passive, arguments=None if passive else arguments
+        ),
+    )
+
+
+async def ensure_exchange(
+    channel: AmqpChannel, open_channel: OpenChannel, name: str, kind: str
+) -> AmqpChannel:
+    """Use exchange ``name`` as it is if it exists; else declare it durable, of type ``kind``."""
+    return await _ensure(
+        "exchange",
+        name,
+        channel,
+        open_channel,
+        lambda ch, passive: ch.declare_exchange(name, kind, durable=True, passive=passive),
+    )
+
+
+async def bind_queue(channel: AmqpChannel, queue: str, exchange: str, routing_key: str) -> None:
+    try:
+        await channel.bind_queue(queue, exchange, routing_key)
+    except ChannelClosedError as exc:
+        raise _translate("binding of queue", queue, exc) from exc
+
+
+@dataclass(frozen=True)
+class OwnQueue:
+    """A queue steadyrabbit itself declares (retry and dead-letter queues), with its arguments."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+def queue_type_arguments(queue_type: str) -> dict[str, Any]:
+    # A classic queue is declared without x-queue-type, so queues made before the option
+    # existed (or by hand, plainly) stay equivalent.
+    return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+
+
+def dead_letter_queue(queue: str, queue_type: str) -> OwnQueue:
+    return OwnQueue(f"{queue}.dlq", queue_type_arguments(queue_type))
+
+
+def retry_queue(queue: str, delay_ms: int, queue_type: str) -> OwnQueue:
+    """A queue that holds copies for ``delay_ms`` then dead-letters them back to ``queue``."""
+    arguments: dict[str, Any] = {
+        "x-message-ttl": delay_ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        **queue_type_arguments(queue_type),
+    }
+    if queue_type == "quorum":
+        # Quorum queues dead-letter at most once unless told otherwise.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return OwnQueue(f"{queue}.retry.{delay_ms}ms", arguments)
+
+
+async def declare_own_queue(channel: AmqpChannel, queue: OwnQueue) -> None:
+    """Declare one of steadyrabbit's queues with its arguments; a conflict is permanent."""
+    try:
+        await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
+    except ChannelClosedError as exc:
+        raise _translate("queue", queue.name, exc) from exc

@@ -1,0 +1,93 @@
+"""Loop-lag watchdog: names the code that blocks the event loop (and so stalls heartbeats)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Mapping
+from time import monotonic
+from types import CodeType, FrameType
+
+from ._stats import Stats
+
+log = logging.getLogger("steadyrabbit")
+
+
+class LoopLagWatchdog:
+    """A thread that notices when the event loop stops turning and reports what it is running.
+
+    The loop stamps a timestamp every ``threshold / 4``; when the stamp is older than
+    ``threshold`` the thread reads the loop thread's current stack, so the warning names the
+    blocking handler (or the innermost frame) while it is still blocking.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        threshold: float,
+        handlers: Mapping[CodeType, str],
+        stats: Stats,
+    ) -> None:
+        self._loop = loop
+        self._threshold = threshold
+        self._interval = threshold / 4
+        self._handlers = dict(handlers)
+        self._stats = stats
+        self._last_turn = monotonic()
+        self._loop_thread = threading.get_ident()
+        self._stop = threading.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._thread = threading.Thread(
+            target=self._watch, name="steadyrabbit-watchdog", daemon=True
+        )
+        self.lag = 0.0  # the latest measurement, seconds (about 0 while the loop turns)
+        self.max_lag = 0.0
+
+    def start(self) -> None:
+        self._turn()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._thread.join()
+
+    def _turn(self) -> None:
+        self._last_turn = monotonic()
+        self._timer = self._loop.call_later(self._interval, self._turn)
+
+    def _watch(self) -> None:
+        reported = False
+        while not self._stop.wait(self._interval):
+            lag = monotonic() - self._last_turn - self._interval
+            self.lag = max(0.0, lag)
+            self.max_lag = max(self.max_lag, lag)
+            if lag < self._threshold:
+                reported = False
+                continue
+            if reported:
+                continue
+            reported = True
+            self._stats.loop_stalls += 1
+            frame = sys._current_frames().get(self._loop_thread)
+            log.warning(
+                "the event loop has been blocked for %.1f s by %s: heartbeats and acks are "
+                "stalled; use a sync handler (it runs in a thread) or await instead of blocking",
+                lag,
+                self._describe(frame),
+            )
+
+    def _describe(self, frame: FrameType | None) -> str:
+        innermost = frame
+        while frame is not None:
+            name = self._handlers.get(frame.f_code)
+            if name is not None:
+                return f"handler {name} (line {frame.f_lineno})"
+            frame = frame.f_back
+        if innermost is None:
+            return "unknown code"
+        code = innermost.f_code
+        return f"{code.co_qualname} ({code.co_filename}:{innermost.f_lineno})"

@@ -1,0 +1,407 @@
+"""On the machine's broker: the seed-2 incident, outcomes, prefetch, topology, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+
+import pika
+import pytest
+
+from steadyrabbit import (
+    App,
+    AuthenticationError,
+    BrokerUnreachableError,
+    Message,
+    Reject,
+    RetryPolicy,
+    Settings,
+    Worker,
+)
+from tests._broker import main_broker_ctl
+from tests.conftest import MAIN_URL, Admin, eventually
+
+
+def settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {"urls": (MAIN_URL,), "connect_timeout": 10.0}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def test_seed2_sync_handler_blocking_past_heartbeats_is_acked_once(
+    queue_name: str, admin: Admin
+) -> None:
+    """Heartbeat 2 s, a handler that blocks 10 s: the broker would drop a starved connection
+    after two missed heartbeats (4 s) and redeliver; here it is acked once, no reconnect."""
+    admin.declare(queue_name)
+    admin.publish(queue_name, [b"long job"])
+    calls: list[bytes] = []
+    app = App()
+
+    @app.consumer(queue_name)
+    def handle(message: Message) -> None:
+        calls.append(message.body)
+        time.sleep(10)
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(heartbeat=2)) as worker:
+            assert worker.negotiated_heartbeat == 2
+            await eventually(lambda: worker.stats.acked == 1, within=30, what="the ack")
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert calls == [b"long job"]
+    assert worker.stats.reconnect_count == 0
+    assert worker.stats.stale_settlements_dropped == 0
+    assert admin.counts(queue_name) == (0, 0)
+
+
+def test_an_async_handler_that_blocks_the_loop_is_named(
+    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.declare(queue_name)
+    admin.publish(queue_name, [b"x"])
+    app = App()
+
+    @app.consumer(queue_name)
+    async def blocking_handler(message: Message) -> None:
+        time.sleep(1.5)  # the mistake the watchdog exists for  # noqa: ASYNC251
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(loop_lag_threshold=0.4)) as worker:
+            await eventually(lambda: worker.stats.acked == 1, what="the ack")
+        return worker
+
+    with caplog.at_level(logging.WARNING, logger="steadyrabbit"):
+        worker = asyncio.run(scenario())
+    assert worker.stats.loop_stalls >= 1
+    messages = [record.getMessage() for record in caplog.records]
+    blocked = [m for m in messages if "event loop has been blocked" in m]
+    assert blocked, caplog.text
+    assert "blocking_handler" in blocked[0]
+    assert f"queue {queue_name!r}" in blocked[0]
+
+
+def test_failures_go_to_the_dead_letter_queue_with_the_reason(
+    queue_name: str, admin: Admin
+) -> None:
+    admin.declare(queue_name)
+    bodies = [b'{"n": 1}', b"not json {", b'{"n": 2, "fail": true}', b'{"n": 3, "reject": 1}']
+    admin.publish(queue_name, bodies)
+    handled: list[object] = []
+    app = App()
+
+    @app.consumer(queue_name, decode="json", concurrency=2, retry=RetryPolicy(max_attempts=1))
+    async def handle(message: Message) -> None:
+        if message.payload.get("fail"):
+            raise ValueError("cannot handle n=2")
+        if message.payload.get("reject"):
+            raise Reject("n=3 is not for us")
+        handled.append(message.payload)
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings()) as worker:
+            await eventually(lambda: worker.stats.dead_lettered == 3, what="3 dead letters")
+            await eventually(lambda: worker.stats.acked == 4, what="4 acks")
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert handled == [{"n": 1}]
+    assert worker.stats.handler_errors == 1
+    assert admin.counts(queue_name) == (0, 0)
+    dead = {
+        body: {k: str(v) for k, v in (props.headers or {}).items()}
+        for props, body in admin.drain(f"{queue_name}.dlq")
+    }
+    assert set(dead) == set(bodies[1:])
+    undecodable = dead[b"not json {"]["x-steadyrabbit-reason"]
+    assert undecodable.startswith("undecodable body: JSONDecodeError")
+    assert dead[b"not json {"]["x-steadyrabbit-exception"] == "json.decoder.JSONDecodeError"
+    failed = dead[b'{"n": 2, "fail": true}']
+    reason = "gave up after 1 attempts: ValueError: cannot handle n=2"
+    assert failed["x-steadyrabbit-reason"] == reason
+    assert failed["x-steadyrabbit-attempts"] == "1"
+    assert failed["x-steadyrabbit-exception"] == "ValueError"
+    assert failed["x-steadyrabbit-queue"] == queue_name
+    assert failed["x-steadyrabbit-routing-key"] == queue_name
+    assert "T" in failed["x-steadyrabbit-failed-at"]
+    assert dead[b'{"n": 3, "reject": 1}']["x-steadyrabbit-reason"] == "n=3 is not for us"
+
+
+def test_prefetch_defaults_to_concurrency_so_the_backlog_stays_in_the_broker(
+    queue_name: str, admin: Admin
+) -> None:
+    admin.declare(queue_name)
+    admin.publish(queue_name, [str(i).encode() for i in range(10)])
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    app = App()
+
+    @app.consumer(queue_name, concurrency=2)
+    def handle(message: Message) -> None:
+        started.release()
+        release.wait(30)
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings()) as worker:
+            for _ in range(2):
+                assert await asyncio.to_thread(started.acquire, True, 10)
+            # Two running, none waiting in this process: 8 stay ready in the broker.
+            assert admin.counts(queue_name) == (8, 1)
+            assert worker.in_flight == 2
+            release.set()
+            await eventually(lambda: worker.stats.acked == 10, what="10 acks")
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert worker.stats.delivered == 10
+    assert admin.counts(queue_name) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"x-queue-type": "quorum"}, {"x-max-length": 1000, "x-message-ttl": 3_600_000}],
+    ids=["quorum", "classic-with-arguments"],
+)
+def test_an_existing_queue_is_consumed_as_it_is(
+    queue_name: str, admin: Admin, arguments: dict[str, object]
+) -> None:
+    admin.declare(queue_name, arguments=arguments)
+    admin.publish(queue_name, [b"a", b"b"])
+    seen: list[bytes] = []
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        seen.append(message.body)
+
+    async def scenario() -> None:
+        async with Worker(app, settings()) as worker:
+            await eventually(lambda: worker.stats.acked == 2, what="2 acks")
+
+    asyncio.run(scenario())
+    assert sorted(seen) == [b"a", b"b"]
+
+
+def test_a_missing_queue_is_declared_durable_and_bound_to_the_seed_topic_exchange(
+    queue_name: str, admin: Admin
+) -> None:
+    exchange = f"{queue_name}-exchange"
+    seen: list[object] = []
+    app = App()
+
+    @app.consumer(
+        queue_name, exchange=exchange, routing_key="purchasing.system.contract", decode="json"
+    )
+    async def handle(message: Message) -> None:
+        seen.append((message.routing_key, message.payload))
+
+    async def scenario() -> None:
+        async with Worker(app, settings()) as worker:
+            for key in ("purchasing.system.contract", "purchasing.system.other"):
+                await admin.run(
+                    admin.publish, queue_name, [json.dumps({"key": key}).encode()],
+                    exchange=exchange, routing_key=key,
+                )
+            await eventually(lambda: worker.stats.acked == 1, what="1 ack")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.delete_exchange(exchange)
+    assert seen == [("purchasing.system.contract", {"key": "purchasing.system.contract"})]
+    with pika.BlockingConnection(pika.URLParameters(MAIN_URL)) as connection:
+        declared = connection.channel().queue_declare(queue_name, passive=True)
+        assert declared.method.message_count == 0
+
+
+def test_graceful_stop_finishes_running_handlers_and_requeues_unstarted(
+    queue_name: str, admin: Admin
+) -> None:
+    admin.declare(queue_name)
+    admin.publish(queue_name, [str(i).encode() for i in range(6)])
+    started = threading.Semaphore(0)
+    release = threading.Event()
+    finished: list[bytes] = []
+    app = App()
+
+    @app.consumer(queue_name, concurrency=2, prefetch=4)
+    def handle(message: Message) -> None:
+        started.release()
+        release.wait(30)
+        finished.append(message.body)
+
+    async def scenario() -> tuple[Worker, bool]:
+        worker = Worker(app, settings(grace_period=10))
+        await worker.start()
+        for _ in range(2):
+            assert await asyncio.to_thread(started.acquire, True, 10)
+        await eventually(lambda: worker.stats.delivered == 4, what="4 prefetched deliveries")
+        stopping = asyncio.ensure_future(worker.stop())
+        # The unstarted two go back at once, while the running two are still running.
+        await eventually(lambda: worker.stats.requeued_unstarted == 2, what="the requeue")
+        assert worker.in_flight == 2
+        release.set()
+        return worker, await stopping
+
+    worker, graceful = asyncio.run(scenario())
+    assert graceful
+    assert len(finished) == 2
+    assert worker.stats.acked == 2
+    assert worker.stats.requeued_unstarted == 2
+    # The two finished ones are acked; the four others are back, nothing lost, nothing doubled.
+    remaining = {body for _, body in admin.drain(queue_name)}
+    assert remaining | set(finished) == {str(i).encode() for i in range(6)}
+    assert len(remaining) == 4
+
+
+def test_a_handler_still_running_after_the_grace_period_is_redelivered(
+    queue_name: str, admin: Admin
+) -> None:
+    admin.declare(queue_name)
+    admin.publish(queue_name, [b"too slow"])
+    entered = asyncio.Event()
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        entered.set()
+        await asyncio.sleep(60)
+
+    async def scenario() -> bool:
+        worker = Worker(app, settings(grace_period=0.5))
+        await worker.start()
+        await asyncio.wait_for(entered.wait(), 10)
+        return await worker.stop()
+
+    assert asyncio.run(scenario()) is False
+    assert admin.counts(queue_name) == (1, 0)
+
+
+def test_several_urls_are_tried_in_turn(queue_name: str, admin: Admin) -> None:
+    admin.declare(queue_name)
+    admin.publish(queue_name, [b"x"])
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        pass
+
+    async def scenario() -> None:
+        dead = "amqp://guest:guest@127.0.0.1:1/%2F"
+        async with Worker(app, settings(urls=(dead, MAIN_URL))) as worker:
+            await eventually(lambda: worker.stats.acked == 1, what="the ack")
+
+    asyncio.run(scenario())
+
+
+def test_wrong_credentials_stop_at_once_with_a_clear_error(queue_name: str) -> None:
+    app = App()
+    app.add_consumer(lambda message: None, queue_name)
+    bad = "amqp://guest:not-the-password-42@127.0.0.1:5672/%2F"
+
+    async def scenario() -> None:
+        await Worker(app, settings(urls=(bad,), connect_timeout=30)).start()
+
+    began = time.monotonic()
+    with pytest.raises(AuthenticationError) as info:
+        asyncio.run(scenario())
+    assert time.monotonic() - began < 10, "a permanent error must not be retried"
+    assert "guest" in str(info.value)
+    assert "not-the-password-42" not in str(info.value)
+
+
+def test_unknown_vhost_is_a_permanent_error(queue_name: str) -> None:
+    app = App()
+    app.add_consumer(lambda message: None, queue_name)
+
+    async def scenario() -> None:
+        url = "amqp://guest:guest@127.0.0.1:5672/no-such-vhost"
+        await Worker(app, settings(urls=(url,), connect_timeout=30)).start()
+
+    with pytest.raises(Exception, match="virtual host 'no-such-vhost'"):
+        asyncio.run(scenario())
+
+
+def test_an_unreachable_broker_gives_up_after_the_first_connection_budget(
+    queue_name: str,
+) -> None:
+    app = App()
+    app.add_consumer(lambda message: None, queue_name)
+
+    async def scenario() -> None:
+        url = "amqp://guest:guest@127.0.0.1:1/%2F"
+        await Worker(app, settings(urls=(url,), connect_timeout=2)).start()
+
+    began = time.monotonic()
+    with pytest.raises(BrokerUnreachableError, match="no broker answered within 2 s"):
+        asyncio.run(scenario())
+    assert 2 <= time.monotonic() - began < 10
+
+
+def test_consumer_cancelled_by_the_broker_resumes(queue_name: str, admin: Admin) -> None:
+    """Deleting the queue sends basic.cancel; the consumer re-declares and re-subscribes."""
+    admin.declare(queue_name)
+    seen: list[bytes] = []
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        seen.append(message.body)
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings()) as worker:
+            await admin.run(admin.publish, queue_name, [b"before"])
+            await eventually(lambda: worker.stats.acked == 1, what="the first ack")
+            await admin.run(admin.delete, queue_name)
+            await eventually(lambda: worker.stats.consumer_cancels == 1, what="the cancel")
+            await admin.run(admin.declare, queue_name)
+            await eventually(lambda: worker.ready, what="re-subscription")
+            await admin.run(admin.publish, queue_name, [b"after"])
+            await eventually(lambda: worker.stats.acked == 2, what="the second ack")
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert seen == [b"before", b"after"]
+    assert worker.stats.reconnect_count == 0
+
+
+def test_coalesced_acks_never_cover_a_running_message_nor_wait_for_it(
+    queue_name: str, admin: Admin
+) -> None:
+    """Tags 2 and 3 finish while tag 1 still runs: their acks go out at once, one by one (a
+    multiple=True ack up to 3 would also ack the unfinished 1)."""
+    admin.declare(queue_name)
+    admin.publish(queue_name, [b"slow", b"quick 1", b"quick 2"])
+    release = asyncio.Event()
+    app = App()
+
+    @app.consumer(queue_name, concurrency=3)
+    async def handle(message: Message) -> None:
+        if message.body == b"slow":
+            await release.wait()
+
+    def unacked() -> int:
+        listing = main_broker_ctl(
+            "list_queues", "name", "messages_unacknowledged", "--no-table-headers", "--quiet"
+        )
+        for line in listing.splitlines():
+            name, _, count = line.strip().rpartition("\t")
+            if name == queue_name:
+                return int(count)
+        raise AssertionError(f"{queue_name} not listed")
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings()) as worker:
+            await eventually(lambda: worker.stats.acked == 2, what="the two quick acks")
+            assert worker.in_flight == 1
+            assert await asyncio.to_thread(unacked) == 1, "only the running one is unacked"
+            release.set()
+            await eventually(lambda: worker.stats.acked == 3, what="the last ack")
+        return worker
+
+    asyncio.run(scenario())
+    assert admin.counts(queue_name) == (0, 0)

@@ -1,0 +1,557 @@
+"""Dead-letter queues: ``steadyrabbit dlq list|replay|purge`` and the functions under them.
+
+Every test prepares ``<queue>.dlq`` by publishing dead letters straight into it, with the
+headers steadyrabbit puts on them, then looks at the broker. Counting note: ``queue.declare-ok``
+counts *ready* messages only and may lag behind requeues; counts are compared once the
+connection that held messages has closed, by then every requeue has been processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.spec
+import pytest
+
+from steadyrabbit import _headers as h
+from steadyrabbit._dlq import (
+    PREVIEW_CHARS,
+    body_preview,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
+from steadyrabbit._errors import ConfigurationError
+from steadyrabbit._settings import Settings
+from tests.conftest import MAIN_URL, Admin
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+ERROR_PREFIX = "steadyrabbit: error: "
+EXIT_USAGE = 2
+USER_HEADERS = {"tenant": "acme", "trace": "t-1"}
+
+
+# -- preparing dead letters --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Letter:
+    body: bytes
+    exception: str = "ValueError"
+    reason: str = "ValueError: amount must be positive"
+    attempts: int | None = 5
+    queue_header: bool = True  # False: a dead letter without x-steadyrabbit-queue
+
+
+def dead_letter_properties(queue: str, index: int, letter: Letter) -> pika.BasicProperties:
+    """The properties of a dead letter as steadyrabbit's consumer writes them."""
+    ours: dict[str, Any] = {
+        h.REASON: letter.reason,
+        h.EXCEPTION: letter.exception,
+        h.FIRST_FAILED_AT: f"2024-05-01T12:00:{index % 60:02d}.000+00:00",
+        h.FAILED_AT: f"2024-05-01T12:05:{index % 60:02d}.500+00:00",
+        h.EXCHANGE: "orders-exchange",
+        h.ROUTING_KEY: f"orders.created.{index}",
+        h.PUBLISH_ID: str(index + 1),
+    }
+    if letter.attempts is not None:
+        ours[h.ATTEMPTS] = letter.attempts
+    if letter.queue_header:
+        ours[h.QUEUE] = queue
+    return pika.BasicProperties(
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers={**USER_HEADERS, "index": index, **ours},
+        delivery_mode=2,
+        correlation_id=f"corr-{index}",
+        reply_to="replies",
+        message_id=f"msg-{index}",
+        timestamp=1_714_564_800 + index,
+        type="order.created",
+        app_id="shop",
+    )
+
+
+def fill_dlq(admin: Admin, queue: str, letters: list[Letter]) -> None:
+    """Declare ``queue`` and ``queue.dlq`` (durable, as steadyrabbit does) and fill the DLQ."""
+    admin.declare(queue)
+    admin.declare(f"{queue}.dlq")
+    with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for index, letter in enumerate(letters):
+            props = dead_letter_properties(queue, index, letter)
+            channel.basic_publish("", f"{queue}.dlq", letter.body, props)
+
+
+def bodies(messages: list[tuple[pika.BasicProperties, bytes]]) -> list[bytes]:
+    return [body for _props, body in messages]
+
+
+def settings() -> Settings:
+    return Settings(urls=(MAIN_URL,), connect_timeout=10)
+
+
+# -- running the command line ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("STEADYRABBIT_")}
+
+
+def steadyrabbit(*args: str, url: bool = True, timeout: float = 30) -> Result:
+    """``python -m steadyrabbit ARGS --url MAIN_URL``, stdin not a terminal."""
+    done = subprocess.run(
+        [sys.executable, "-m", "steadyrabbit", *args, *(["--url", MAIN_URL] if url else [])],
+        cwd=ROOT,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def one_error_line(result: Result, status: int) -> str:
+    everything = result.stdout + result.stderr
+    assert "Traceback" not in everything, everything
+    assert result.status == status, everything
+    assert result.stdout == "", everything
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(ERROR_PREFIX), result.stderr
+    return lines[0].removeprefix(ERROR_PREFIX)
+
+
+def succeeded(result: Result) -> str:
+    everything = result.stdout + result.stderr
+    assert result.status == 0, everything
+    assert "Traceback" not in everything, everything
+    return result.stdout
+
+
+# -- list --------------------------------------------------------------------------------------
+
+
+def test_list_shows_the_count_and_rows_and_leaves_the_queue_as_it_was(
+    admin: Admin, queue_name: str
+) -> None:
+    letters = [
+        Letter(b'{"order": 1}', "ValueError", "ValueError: amount must be positive", 5),
+        Letter(b'{"order": 2}', "httpx.ConnectTimeout", "ConnectTimeout: timed out", 3),
+        Letter(b"line one\nline two\x00", "KeyError", "KeyError: 'sku'\nwith a second line", None),
+        Letter(b"x" * 300, "RuntimeError", "r" * 200, 1),
+    ]
+    fill_dlq(admin, queue_name, letters)
+
+    output = succeeded(steadyrabbit("dlq", "list", queue_name))
+    lines = output.splitlines()
+    assert lines[0] == f"{queue_name}.dlq: 4 messages"
+    header, *rows = lines[1:]
+    assert header.split() == ["#", "FAILED", "AT", "ATTEMPTS", "EXCEPTION", "REASON", "BODY"]
+    assert len(rows) == 4
+    assert rows[0].split()[:4] == ["1", "2024-05-01T12:05:00.500+00:00", "5", "ValueError"]
+    assert rows[0].endswith('{"order": 1}')
+    assert rows[1].split()[:4] == [
+        "2",
+        "2024-05-01T12:05:01.500+00:00",
+        "3",
+        "httpx.ConnectTimeout",
+    ]
+    assert "ConnectTimeout: timed out" in rows[1]
+    assert rows[2].split()[:3] == ["3", "2024-05-01T12:05:02.500+00:00", "-"]  # no attempts
+    assert rows[2].endswith("line one\\nline two\\x00")  # escaped, one line per message
+    assert "KeyError: 'sku'\\nwith" in rows[2]
+    assert rows[3].endswith("x" * (PREVIEW_CHARS - 3) + "...")
+    assert "r" * 41 not in rows[3]  # the reason is cut for the table
+
+    limited = succeeded(steadyrabbit("dlq", "list", queue_name, "--limit", "2")).splitlines()
+    assert limited[0] == f"{queue_name}.dlq: 4 messages (showing the first 2; see --limit)"
+    assert len(limited) == 1 + 1 + 2
+
+    # Peeking lost nothing and moved nothing: same messages, same order, same headers.
+    left = admin.drain(f"{queue_name}.dlq")
+    assert bodies(left) == [letter.body for letter in letters]
+    for index, (props, _body) in enumerate(left):
+        expected = dead_letter_properties(queue_name, index, letters[index])
+        assert props.headers == expected.headers
+        assert props.message_id == expected.message_id
+
+
+def test_list_json(admin: Admin, queue_name: str) -> None:
+    fill_dlq(admin, queue_name, [Letter(f"body {i}".encode()) for i in range(3)])
+
+    document = json.loads(
+        succeeded(steadyrabbit("dlq", "list", queue_name, "--json", "--limit", "2"))
+    )
+
+    assert document["queue"] == queue_name
+    assert document["dead_letter_queue"] == f"{queue_name}.dlq"
+    assert document["count"] == 3
+    assert [entry["body_preview"] for entry in document["entries"]] == ["body 0", "body 1"]
+    first = document["entries"][0]
+    assert first["position"] == 1
+    assert first["exception"] == "ValueError"
+    assert first["reason"] == "ValueError: amount must be positive"
+    assert first["attempts"] == 5
+    assert first["failed_at"] == "2024-05-01T12:05:00.500+00:00"
+    assert first["queue"] == queue_name
+    assert first["exchange"] == "orders-exchange"
+    assert first["routing_key"] == "orders.created.0"
+    assert first["message_id"] == "msg-0"
+    assert admin.counts(f"{queue_name}.dlq") == (3, 0)
+
+
+def test_list_an_empty_dead_letter_queue(admin: Admin, queue_name: str) -> None:
+    fill_dlq(admin, queue_name, [])
+    assert succeeded(steadyrabbit("dlq", "list", queue_name)) == f"{queue_name}.dlq is empty\n"
+
+
+async def test_list_dead_letters_from_code(admin: Admin, queue_name: str) -> None:
+    letters = [
+        Letter("café\x00\n".encode() + b"\xff", attempts=None, queue_header=False),
+        Letter(b"y" * 500, "TimeoutError", "took too long"),
+    ]
+    fill_dlq(admin, queue_name, letters)
+
+    report = await list_dead_letters(settings(), queue_name, limit=1)
+
+    assert (report.count, len(report.entries)) == (2, 1)
+    entry = report.entries[0]
+    assert entry.body_preview == "café\\x00\\n\\xff"
+    assert entry.body_size == len(letters[0].body)
+    assert entry.attempts is None
+    assert entry.queue is None
+    assert entry.exception == "ValueError"
+    assert entry.first_failed_at == "2024-05-01T12:00:00.000+00:00"
+
+    report = await list_dead_letters(settings(), queue_name)
+    assert [e.position for e in report.entries] == [1, 2]
+    assert len(report.entries[1].body_preview) == PREVIEW_CHARS
+    assert report.entries[1].exception == "TimeoutError"
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [letter.body for letter in letters]
+
+
+def test_body_preview_never_cuts_an_escape_in_half() -> None:
+    assert body_preview(b"abc") == "abc"
+    assert body_preview(b"a" * 80) == "a" * 80
+    assert body_preview(b"a" * 81) == "a" * 77 + "..."
+    assert body_preview(b"\x00" * 40) == "\\x00" * 19 + "..."
+    assert body_preview("\u2028\U0001f600 ok") == "\\u2028\U0001f600 ok"
+    for size in range(120):
+        preview = body_preview(b"a\x01" * size)
+        assert len(preview) <= PREVIEW_CHARS
+        assert preview.endswith(("...", "\\x01", "a")) or preview == ""
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+async def test_replay_moves_every_message_back_once_without_our_headers(
+    admin: Admin, queue_name: str
+) -> None:
+    letters = [Letter(f"order {i}".encode(), queue_header=i != 2) for i in range(5)]
+    fill_dlq(admin, queue_name, letters)
+    calls: list[tuple[int, int]] = []
+
+    result = await replay_dead_letters(
+        settings(), queue_name, progress=lambda done, total: calls.append((done, total))
+    )
+
+    assert (result.total, result.replayed, result.skipped, result.remaining) == (5, 5, 0, 0)
+    assert not result.stopped
+    assert calls == [(i, 5) for i in range(6)]
+    replayed = admin.drain(queue_name)
+    assert bodies(replayed) == [letter.body for letter in letters]
+    for index, (props, _body) in enumerate(replayed):
+        headers = props.headers or {}
+        # All of steadyrabbit's failure headers are gone (the publish id is the new copy's own).
+        assert {k for k in headers if k.startswith(h.PREFIX)} <= {h.PUBLISH_ID}
+        assert {k: v for k, v in headers.items() if k != h.PUBLISH_ID} == {
+            **USER_HEADERS,
+            "index": index,
+        }
+        assert h.attempts(headers) == 0
+        assert props.delivery_mode == 2
+        assert props.content_type == "application/json"
+        assert props.content_encoding == "utf-8"
+        assert props.correlation_id == f"corr-{index}"
+        assert props.reply_to == "replies"
+        assert props.message_id == f"msg-{index}"
+        assert props.timestamp == 1_714_564_800 + index
+        assert props.type == "order.created"
+        assert props.app_id == "shop"
+    assert admin.counts(f"{queue_name}.dlq") == (0, 0)
+
+
+async def test_replay_sends_each_message_to_the_queue_it_failed_in(
+    admin: Admin, queue_name: str
+) -> None:
+    other = f"{queue_name}-other"
+    admin.declare(other)
+    try:
+        fill_dlq(admin, queue_name, [Letter(b"mine"), Letter(b"theirs"), Letter(b"mine too")])
+        # The second dead letter was consumed from another queue (a shared DLQ name is unusual,
+        # but the header is what decides).
+        with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+            channel = connection.channel()
+            channel.queue_purge(f"{queue_name}.dlq")
+            channel.confirm_delivery()
+            for index, (body, target) in enumerate(
+                [(b"mine", queue_name), (b"theirs", other), (b"mine too", queue_name)]
+            ):
+                props = dead_letter_properties(target, index, Letter(body))
+                channel.basic_publish("", f"{queue_name}.dlq", body, props)
+
+        result = await replay_dead_letters(settings(), queue_name)
+
+        assert result.replayed == 3
+        assert bodies(admin.drain(queue_name)) == [b"mine", b"mine too"]
+        assert bodies(admin.drain(other)) == [b"theirs"]
+    finally:
+        admin.delete(other)
+
+
+def test_replay_with_a_limit_leaves_the_rest_in_order(admin: Admin, queue_name: str) -> None:
+    letters = [Letter(f"m{i}".encode()) for i in range(6)]
+    fill_dlq(admin, queue_name, letters)
+
+    output = succeeded(steadyrabbit("dlq", "replay", queue_name, "--limit", "2", "--yes"))
+
+    dlq = f"{queue_name}.dlq"
+    assert output == f"replayed 2 of 6 messages from {dlq}; 4 remain in {dlq}\n"
+    assert bodies(admin.drain(queue_name)) == [b"m0", b"m1"]
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"m2", b"m3", b"m4", b"m5"]
+
+
+def test_replay_with_an_error_filter_leaves_the_others_in_order(
+    admin: Admin, queue_name: str
+) -> None:
+    letters = [
+        Letter(b"a", "ValueError", "ValueError: bad amount"),
+        Letter(b"b", "httpx.ConnectTimeout", "ConnectTimeout: timed out"),
+        Letter(b"c", "KeyError", "KeyError: 'sku'"),
+        Letter(b"d", "RuntimeError", "upstream TIMEOUT after 30 s"),  # matches by its reason
+        Letter(b"e", "ValueError", "ValueError: bad currency"),
+        Letter(b"f", "httpx.ReadTimeout", "ReadTimeout"),
+    ]
+    fill_dlq(admin, queue_name, letters)
+
+    output = succeeded(steadyrabbit("dlq", "replay", queue_name, "--error", "timeout", "--yes"))
+
+    assert output.startswith(f"replayed 3 of 6 messages from {queue_name}.dlq (3 skipped")
+    assert bodies(admin.drain(queue_name)) == [b"b", b"d", b"f"]
+    left = admin.drain(f"{queue_name}.dlq")
+    assert bodies(left) == [b"a", b"c", b"e"]
+    # The skipped ones are untouched, steadyrabbit's headers included.
+    exceptions = [(p.headers or {}).get(h.EXCEPTION) for p, _ in left]
+    assert exceptions == ["ValueError", "KeyError", "ValueError"]
+
+
+async def test_replay_with_a_filter_and_a_limit(admin: Admin, queue_name: str) -> None:
+    kinds = ["KeyError", "ValueError"] * 4
+    letters = [Letter(f"{i}".encode(), kind, f"{kind}: boom") for i, kind in enumerate(kinds)]
+    fill_dlq(admin, queue_name, letters)
+
+    result = await replay_dead_letters(settings(), queue_name, limit=2, error_filter="valueerror")
+
+    assert (result.replayed, result.skipped, result.remaining) == (2, 2, 6)
+    assert bodies(admin.drain(queue_name)) == [b"1", b"3"]
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"0", b"2", b"4", b"5", b"6", b"7"]
+
+
+async def test_messages_dead_lettered_during_a_replay_are_not_replayed(
+    admin: Admin, queue_name: str
+) -> None:
+    fill_dlq(admin, queue_name, [Letter(f"old {i}".encode()) for i in range(5)])
+
+    def fail_again(done: int, _total: int) -> None:
+        if done == 1:  # blocking, briefly: as if a worker dead-lettered these meanwhile
+            admin.publish(f"{queue_name}.dlq", [b"new 1", b"new 2"])
+
+    result = await replay_dead_letters(settings(), queue_name, progress=fail_again)
+
+    assert (result.total, result.replayed, result.remaining) == (5, 5, 0)
+    assert bodies(admin.drain(queue_name)) == [f"old {i}".encode() for i in range(5)]
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"new 1", b"new 2"]
+
+
+async def test_a_stop_event_finishes_the_message_in_hand(admin: Admin, queue_name: str) -> None:
+    fill_dlq(admin, queue_name, [Letter(f"{i}".encode()) for i in range(10)])
+    stop = asyncio.Event()
+
+    def stop_at_three(done: int, _total: int) -> None:
+        if done == 3:
+            stop.set()
+
+    result = await replay_dead_letters(settings(), queue_name, progress=stop_at_three, stop=stop)
+
+    assert result.stopped
+    assert (result.replayed, result.remaining) == (3, 7)
+    assert bodies(admin.drain(queue_name)) == [b"0", b"1", b"2"]
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [f"{i}".encode() for i in range(3, 10)]
+
+
+async def test_replay_to_a_queue_that_is_gone_keeps_the_message(
+    admin: Admin, queue_name: str
+) -> None:
+    fill_dlq(admin, queue_name, [Letter(b"first"), Letter(b"second")])
+    admin.delete(queue_name)  # the original queue is gone; its .dlq stays
+
+    with pytest.raises(ConfigurationError, match=r"cannot replay to queue .* does not exist"):
+        await replay_dead_letters(settings(), queue_name)
+
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"first", b"second"]
+
+
+@pytest.fixture
+def big_dlq(admin: Admin, queue_name: str) -> list[bytes]:
+    expected = [f"message {i:04d}".encode() for i in range(2000)]
+    admin.declare(queue_name)
+    admin.declare(f"{queue_name}.dlq")
+    props = dead_letter_properties(queue_name, 0, Letter(b""))
+    admin.publish(f"{queue_name}.dlq", expected, properties=props)
+    return expected
+
+
+def test_an_interrupted_replay_then_another_brings_every_message_back_once(
+    admin: Admin, queue_name: str, big_dlq: list[bytes], tmp_path: Path
+) -> None:
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "steadyrabbit",
+                "dlq",
+                "replay",
+                queue_name,
+                "--yes",
+                "--url",
+                MAIN_URL,
+            ],
+            cwd=ROOT,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    try:
+        # The progress bar's label is all it writes when stderr is not a terminal; the queue
+        # filling up shows the progress.
+        deadline = time.monotonic() + 15
+        while not ("replaying" in err.read_text() and admin.counts(queue_name)[0] >= 50):
+            if proc.poll() is not None:
+                raise AssertionError(f"replay exited early:\n{err.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no progress within 15 s:\n{err.read_text()}")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    stdout_text, stderr_text = out.read_text(), err.read_text()
+    assert status == 0, stdout_text + stderr_text
+    assert "Traceback" not in stderr_text, stderr_text
+    assert "stopping after the message in hand" in stderr_text
+    first, _, rest = stdout_text.removeprefix("stopped by a signal: replayed ").partition(" ")
+    assert stdout_text.startswith("stopped by a signal: replayed "), stdout_text
+    replayed = int(first)
+    remaining = 2000 - replayed
+    assert 0 < replayed < 2000
+    assert rest.endswith(f"; {remaining} remain in {queue_name}.dlq\n"), stdout_text
+    assert admin.counts(queue_name)[0] == replayed
+    assert admin.counts(f"{queue_name}.dlq")[0] == remaining
+
+    again = succeeded(steadyrabbit("dlq", "replay", queue_name, "--yes"))
+    assert again.startswith(f"replayed {remaining} of {remaining} messages"), again
+
+    back = bodies(admin.drain(queue_name))
+    assert Counter(back) == Counter(big_dlq)
+    assert len(back) == 2000
+    assert admin.counts(f"{queue_name}.dlq") == (0, 0)
+
+
+# -- purge -------------------------------------------------------------------------------------
+
+
+def test_purge_with_yes(admin: Admin, queue_name: str) -> None:
+    fill_dlq(admin, queue_name, [Letter(b"1"), Letter(b"2"), Letter(b"3")])
+    admin.publish(queue_name, [b"live"])
+
+    output = succeeded(steadyrabbit("dlq", "purge", queue_name, "--yes"))
+
+    assert output == f"purged 3 messages from {queue_name}.dlq\n"
+    assert admin.counts(f"{queue_name}.dlq") == (0, 0)
+    assert bodies(admin.drain(queue_name)) == [b"live"]
+
+
+def test_purge_without_yes_and_without_a_terminal_refuses(admin: Admin, queue_name: str) -> None:
+    fill_dlq(admin, queue_name, [Letter(b"1"), Letter(b"2")])
+
+    message = one_error_line(steadyrabbit("dlq", "purge", queue_name), EXIT_USAGE)
+
+    assert message == f"refusing to purge {queue_name}.dlq without --yes"
+    assert admin.counts(f"{queue_name}.dlq") == (2, 0)
+
+
+async def test_purge_from_code(admin: Admin, queue_name: str) -> None:
+    fill_dlq(admin, queue_name, [Letter(b"1"), Letter(b"2")])
+    assert await purge_dead_letters(settings(), queue_name) == 2
+    assert await purge_dead_letters(settings(), queue_name) == 0
+
+
+# -- a queue without a dead-letter queue -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["list"], ["list", "--json"], ["replay", "--yes"], ["purge", "--yes"]],
+    ids=["list", "list-json", "replay", "purge"],
+)
+def test_a_missing_dead_letter_queue_is_one_clear_line(
+    admin: Admin, queue_name: str, command: list[str]
+) -> None:
+    admin.declare(queue_name)  # the queue exists, its .dlq does not
+    verb, *options = command
+
+    message = one_error_line(steadyrabbit("dlq", verb, queue_name, *options), EXIT_USAGE)
+
+    assert message == f"queue {queue_name!r} has no dead-letter queue {queue_name}.dlq"
+
+
+async def test_a_missing_dead_letter_queue_from_code(queue_name: str) -> None:
+    for call in (list_dead_letters, replay_dead_letters, purge_dead_letters):
+        with pytest.raises(ConfigurationError, match="has no dead-letter queue"):
+            await call(settings(), queue_name)
+
+
+def test_dlq_help() -> None:
+    output = succeeded(steadyrabbit("dlq", "--help", url=False))
+    assert all(command in output for command in ("list", "replay", "purge"))

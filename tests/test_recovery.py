@@ -1,0 +1,237 @@
+"""Recovery, on a private broker node with consumer_timeout 5 s checked every second.
+
+The seed-1 incident, a channel closed by the broker, connections closed under running
+handlers, and a broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from steadyrabbit import App, Message, RetryPolicy, Settings, Worker
+from steadyrabbit._headers import REASON
+from tests._broker import BrokerNode
+from tests.conftest import Admin, eventually
+
+pytestmark = pytest.mark.private_node
+
+
+def settings(node: BrokerNode, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "urls": (node.url,),
+        "connect_timeout": 10.0,
+        "heartbeat": 5,
+        "reconnect_delay": 0.2,
+        "reconnect_delay_max": 2.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def queue(private_admin: Admin, request: pytest.FixtureRequest) -> str:
+    name = f"recovery-{request.node.name[:40]}"
+    private_admin.delete(name, f"{name}.dlq")
+    return name
+
+
+def test_seed1_backlog_with_a_slow_handler_never_trips_consumer_timeout(
+    private_node: BrokerNode, private_admin: Admin, queue: str
+) -> None:
+    """The seed's setup: durable queue on a topic exchange, JSON bodies, a slow call per message,
+    a backlog. Unlimited prefetch would leave messages unacked past consumer_timeout (5 s);
+    the default prefetch (= concurrency) keeps every delivery's unacked time at one call."""
+    exchange = "DEFAULT_EXCHANGE"
+    key = "purchasing.system.contract"
+    calls: dict[int, int] = {}
+    app = App()
+
+    @app.consumer(queue, exchange=exchange, routing_key=key, decode="json")
+    def report_contract(message: Message) -> None:
+        number = message.payload["contract"]
+        calls[number] = calls.get(number, 0) + 1
+        time.sleep(2)  # the slow REST call
+
+    bodies = [json.dumps({"contract": n}).encode() for n in range(20)]
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(private_node)) as worker:
+            await private_admin.run(
+                private_admin.publish, queue, bodies, exchange=exchange, routing_key=key
+            )
+            await eventually(lambda: worker.stats.acked == 20, within=80, what="20 acks")
+        return worker
+
+    try:
+        worker = asyncio.run(scenario())
+    finally:
+        private_admin.delete_exchange(exchange)
+    assert calls == dict.fromkeys(range(20), 1), "every message handled exactly once"
+    assert worker.stats.channel_recoveries == 0, "no channel closed by the broker"
+    assert worker.stats.reconnect_count == 0
+    assert private_admin.counts(queue) == (0, 0)
+
+
+def test_prefetched_messages_that_age_toward_consumer_timeout_go_back_unstarted(
+    private_node: BrokerNode, private_admin: Admin, queue: str
+) -> None:
+    """An explicit prefetch above the concurrency: messages waiting in this process are returned
+    to the queue before they reach the broker's consumer_timeout, so no channel is closed."""
+    private_admin.declare(queue)
+    private_admin.publish(queue, [str(n).encode() for n in range(6)])
+    calls: dict[bytes, int] = {}
+    app = App()
+
+    @app.consumer(queue, concurrency=1, prefetch=6)
+    def handle(message: Message) -> None:
+        calls[message.body] = calls.get(message.body, 0) + 1
+        time.sleep(1.5)
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(private_node, consumer_timeout=5)) as worker:
+            await eventually(lambda: worker.stats.acked == 6, within=60, what="6 acks")
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert worker.stats.requeued_aged >= 1
+    assert worker.stats.channel_recoveries == 0
+    assert calls == {str(n).encode(): 1 for n in range(6)}
+
+
+def test_a_channel_closed_by_consumer_timeout_is_reopened_and_the_late_ack_dropped(
+    private_node: BrokerNode, private_admin: Admin, queue: str
+) -> None:
+    """A handler outruns consumer_timeout: the broker closes the channel with
+    PRECONDITION_FAILED and requeues. The consumer reopens the channel on the same connection;
+    the late ack for the dead channel's tag is dropped, never sent on the new channel."""
+    private_admin.declare(queue)
+    private_admin.publish(queue, [b"first", b"second"])
+    attempts: list[tuple[bytes, bool]] = []
+    app = App()
+
+    @app.consumer(queue)
+    def handle(message: Message) -> None:
+        attempts.append((message.body, message.redelivered))
+        if len(attempts) == 1:
+            time.sleep(8)  # past the 5 s consumer_timeout
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(private_node)) as worker:
+            await eventually(
+                lambda: worker.stats.stale_settlements_dropped == 1, within=30, what="the drop"
+            )
+            await eventually(lambda: worker.stats.acked == 2, within=30, what="2 acks")
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert worker.stats.channel_recoveries == 1
+    assert worker.stats.reconnect_count == 0, "the connection itself stayed up"
+    assert attempts[0] == (b"first", False)
+    assert (b"first", True) in attempts[1:]
+    assert private_admin.counts(queue) == (0, 0)
+
+
+def test_connections_closed_by_the_broker_under_running_handlers_recover(
+    private_node: BrokerNode, private_admin: Admin, queue: str
+) -> None:
+    private_admin.declare(queue)
+    bodies = [str(n).encode() for n in range(6)]
+    private_admin.publish(queue, bodies)
+    running = threading.Semaphore(0)
+    release = threading.Event()
+    done: list[bytes] = []
+    app = App()
+
+    @app.consumer(queue, concurrency=2)
+    def handle(message: Message) -> None:
+        running.release()
+        release.wait(30)
+        done.append(message.body)
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(private_node)) as worker:
+            for _ in range(2):
+                assert await asyncio.to_thread(running.acquire, True, 10)
+            await asyncio.to_thread(private_node.close_all_connections, "test: forced")
+            await eventually(lambda: worker.stats.reconnect_count >= 1, what="a reconnect")
+            await eventually(lambda: worker.ready, what="recovery")
+            release.set()
+            await eventually(
+                lambda: private_admin.counts(queue) == (0, 1), within=30, what="an empty queue"
+            )
+        return worker
+
+    worker = asyncio.run(scenario())
+    # The two handlers that ran across the cut finished on a dead channel: their acks were
+    # dropped, and their messages were redelivered and acked on the new channel.
+    assert worker.stats.stale_settlements_dropped == 2
+    assert worker.stats.reconnects["closed_by_broker"] >= 1
+    assert set(done) == set(bodies)
+    assert worker.stats.acked == 6
+    assert private_admin.counts(queue) == (0, 0)
+
+
+def test_consuming_resumes_after_a_broker_restart(
+    private_node: BrokerNode, private_admin: Admin, queue: str
+) -> None:
+    private_admin.declare(queue)
+    seen: list[bytes] = []
+    app = App()
+
+    @app.consumer(queue)
+    async def handle(message: Message) -> None:
+        seen.append(message.body)
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(private_node)) as worker:
+            await private_admin.run(private_admin.publish, queue, [b"before"])
+            await eventually(lambda: worker.stats.acked == 1, what="the first ack")
+            await asyncio.to_thread(private_node.stop_app)
+            await eventually(lambda: not worker.ready, what="the loss to be noticed")
+            await asyncio.to_thread(private_node.start_app)
+            await eventually(lambda: worker.ready, within=60, what="recovery")
+            await private_admin.run(private_admin.publish, queue, [b"after"])
+            await eventually(lambda: worker.stats.acked == 2, what="the second ack")
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert seen == [b"before", b"after"]
+    assert worker.stats.reconnect_count >= 1
+
+
+def test_a_handler_that_kills_its_connection_every_time_ends_in_the_dead_letter_queue(
+    private_node: BrokerNode, private_admin: Admin, queue: str, tmp_path: Path
+) -> None:
+    """Classic queue, no process crash: the handler takes the connection down each time (as a
+    broker-side limit or a proxy might). The redelivered starts are counted; after
+    max_deliveries the message is dead-lettered instead of run again."""
+    private_admin.declare(queue)
+    private_admin.publish(queue, [b"connection killer"])
+    runs: list[bool] = []
+    app = App(retry=RetryPolicy(max_deliveries=3))
+
+    @app.consumer(queue)
+    def handle(message: Message) -> None:
+        runs.append(message.redelivered)
+        private_node.close_all_connections("test: the handler's doing")
+
+    async def scenario() -> Worker:
+        async with Worker(app, settings(private_node, state_dir=tmp_path)) as worker:
+            await eventually(
+                lambda: worker.stats.dead_lettered == 1, within=60, what="the dead letter"
+            )
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert runs == [False, True, True]
+    assert worker.stats.reconnect_count >= 3
+    [(props, body)] = private_admin.drain(f"{queue}.dlq")
+    assert body == b"connection killer"
+    assert "delivered 3 times without being settled" in str((props.headers or {})[REASON])
+    assert private_admin.counts(queue) == (0, 0)

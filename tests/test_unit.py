@@ -1,0 +1,232 @@
+"""Pure logic: backoff, URL parsing and masking, settings and registration validation."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from steadyrabbit import App, ConfigurationError, RetryPolicy, Settings, mask_url, parse_url
+from steadyrabbit._backoff import backoff_delay
+from steadyrabbit._headers import attempts, without_ours
+from steadyrabbit._relay import retry_after
+from steadyrabbit._retry import ladder_ms
+
+
+@given(
+    attempt=st.integers(min_value=0, max_value=10_000),
+    base=st.floats(min_value=0.001, max_value=10),
+    extra=st.floats(min_value=0, max_value=1000),
+    draw=st.floats(min_value=0, max_value=0.999999),
+)
+def test_backoff_is_bounded_by_half_and_whole_ceiling(
+    attempt: int, base: float, extra: float, draw: float
+) -> None:
+    cap = base + extra
+    delay = backoff_delay(attempt, base=base, cap=cap, random=lambda: draw)
+    ceiling = min(cap, base * 2.0**attempt) if attempt < 64 else cap
+    assert ceiling / 2 <= delay <= ceiling
+    assert delay <= cap
+
+
+@given(attempt=st.integers(min_value=0, max_value=50))
+def test_backoff_floor_and_ceiling_never_shrink(attempt: int) -> None:
+    for draw in (0.0, 0.999999):
+        now = backoff_delay(attempt, base=0.5, cap=30, random=lambda: draw)  # noqa: B023
+        later = backoff_delay(attempt + 1, base=0.5, cap=30, random=lambda: draw)  # noqa: B023
+        assert later >= now
+
+
+def test_backoff_jitter_spreads_clients() -> None:
+    rng = random.Random(7)
+    delays = {round(backoff_delay(5, base=0.5, cap=30, random=rng.random), 3) for _ in range(50)}
+    assert len(delays) > 40
+
+
+def test_backoff_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="attempt"):
+        backoff_delay(-1, base=1, cap=2, random=random.random)
+    with pytest.raises(ValueError, match="base"):
+        backoff_delay(0, base=2, cap=1, random=random.random)
+
+
+def test_parse_url_full() -> None:
+    address = parse_url("amqps://alice:s%40cret@rabbit.example:5999/prod%2Fa?heartbeat=10")
+    assert (address.scheme, address.host, address.port) == ("amqps", "rabbit.example", 5999)
+    assert (address.username, address.password, address.vhost) == ("alice", "s@cret", "prod/a")
+    assert address.heartbeat == 10
+    assert address.tls
+    assert "s@cret" not in repr(address)
+    assert "s@cret" not in str(address)
+    assert address.display == "amqps://alice:****@rabbit.example:5999/prod/a"
+
+
+def test_parse_url_defaults() -> None:
+    address = parse_url("amqp://localhost")
+    assert (address.port, address.vhost, address.username, address.password) == (
+        5672,
+        "/",
+        "guest",
+        "guest",
+    )
+    assert parse_url("amqp://h/%2F").vhost == "/"
+    assert parse_url("amqps://h").port == 5671
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://guest:pw@localhost/", "scheme must be amqp"),
+        ("localhost:5672", "scheme must be amqp"),
+        ("amqp://", "names no host"),
+        ("amqp://guest:pw@localhost:notaport/", "malformed broker URL"),
+        ("amqp://guest:pw@localhost:99999/", "malformed broker URL"),
+        ("amqp://localhost/?heartbeat=abc", "heartbeat must be a number"),
+        ("amqp://localhost/?frobnicate=1", "unknown query parameter 'frobnicate'"),
+    ],
+)
+def test_parse_url_errors_are_one_readable_line(url: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem) as info:
+        parse_url(url)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "pw" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("amqp://u:p@h:1/v", "amqp://u:****@h:1/v"),
+        ("x amqps://u:p%40q@h/ y amqp://a:b@c", "x amqps://u:****@h/ y amqp://a:****@c"),
+        ("https://bob:hunter2@api.example/x", "https://bob:****@api.example/x"),
+        ("amqp://u:p@ss@h/v", "amqp://u:****@h/v"),
+        ("amqp://h:5672/v", "amqp://h:5672/v"),
+    ],
+)
+def test_mask_url(text: str, expected: str) -> None:
+    assert mask_url(text) == expected
+
+
+def test_settings_validate() -> None:
+    assert Settings().addresses[0].port == 5672
+    assert Settings(urls=("amqp://a", "amqp://b")).addresses[1].host == "b"
+    with pytest.raises(ConfigurationError, match="no broker URL"):
+        Settings(urls=())
+    with pytest.raises(ConfigurationError, match="heartbeat"):
+        Settings(heartbeat=-1)
+    with pytest.raises(ConfigurationError, match="scheme"):
+        Settings(urls=("redis://localhost",))
+
+
+def _handler(message: object) -> None:
+    pass
+
+
+def test_prefetch_defaults_to_concurrency_and_is_never_unlimited() -> None:
+    app = App()
+    spec = app.add_consumer(_handler, "q", concurrency=3)
+    assert spec.prefetch == 3
+    with pytest.raises(ConfigurationError, match="unlimited"):
+        App().add_consumer(_handler, "q", prefetch=0)
+    with pytest.raises(ConfigurationError, match="between the concurrency"):
+        App().add_consumer(_handler, "q", concurrency=4, prefetch=2)
+    with pytest.raises(ConfigurationError, match="already has a handler"):
+        app.add_consumer(_handler, "q")
+
+
+def test_registration_validation() -> None:
+    with pytest.raises(ConfigurationError, match="both an exchange and a routing key"):
+        App().add_consumer(_handler, "q", exchange="x")
+    with pytest.raises(ConfigurationError, match="unknown decoder"):
+        App().add_consumer(_handler, "q", decode="yaml")
+    with pytest.raises(ConfigurationError, match="1 to 250 bytes"):
+        App().add_consumer(_handler, "")
+
+
+def test_sync_handlers_are_made_awaitable_once_at_registration() -> None:
+    async def handle_async(message: object) -> None:
+        pass
+
+    app = App()
+    sync_spec = app.add_consumer(_handler, "a")
+    async_spec = app.add_consumer(handle_async, "b")
+    assert sync_spec.threaded is not None
+    assert async_spec.threaded is None
+    assert async_spec.handler is handle_async
+
+
+# -- retry policy ---------------------------------------------------------------------------
+
+@given(
+    retry=st.integers(min_value=1, max_value=200),
+    base=st.floats(min_value=0.01, max_value=60),
+    extra=st.floats(min_value=0, max_value=3600),
+    draw=st.floats(min_value=0, max_value=0.999999),
+)
+def test_exponential_retry_delays_stay_within_the_jittered_ceiling(
+    retry: int, base: float, extra: float, draw: float
+) -> None:
+    policy = RetryPolicy(base=base, cap=base + extra)
+    delay = policy.delay(retry, lambda: draw)
+    ceiling = min(policy.cap, base * 2.0 ** min(retry - 1, 64))
+    assert ceiling / 2 <= delay <= ceiling <= policy.cap
+
+
+def test_explicit_delays_are_used_exactly_and_the_last_repeats() -> None:
+    policy = RetryPolicy(delays=(5, 30, 120))
+    assert [policy.delay(n, lambda: 0.5) for n in (1, 2, 3, 4, 9)] == [5, 30, 120, 120, 120]
+    assert [policy.bucket_ms(d) for d in (5, 30, 120)] == [5000, 30000, 120000]
+    no_jitter = RetryPolicy(base=2, cap=10, jitter=False)
+    assert [no_jitter.delay(n, lambda: 0.9) for n in (1, 2, 3, 4)] == [2, 4, 8, 10]
+
+
+@given(delay=st.floats(min_value=0.01, max_value=10 * 86400))
+def test_other_delays_round_to_a_small_ladder_of_retry_queues(delay: float) -> None:
+    bucket = ladder_ms(delay) / 1000
+    assert 0.7 * delay <= bucket <= 1.3 * delay + 0.005
+    mantissa = bucket / 10 ** math.floor(math.log10(bucket))
+    assert round(mantissa, 6) in {1.0, 1.5, 2.0, 3.0, 5.0, 7.0}
+
+
+def test_a_day_of_jittered_delays_needs_few_retry_queues() -> None:
+    policy = RetryPolicy(base=0.5, cap=86400)
+    rng = random.Random(1)
+    delays = [policy.delay(n, rng.random) for n in range(1, 40) for _ in range(20)]
+    buckets = {policy.bucket_ms(delay) for delay in delays}
+    assert len(buckets) <= 40
+
+
+def test_retry_policy_validation() -> None:
+    with pytest.raises(ConfigurationError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ConfigurationError, match="delays"):
+        RetryPolicy(delays=())
+    with pytest.raises(ConfigurationError, match="delays"):
+        RetryPolicy(delays=(1, -2))
+    with pytest.raises(ConfigurationError, match="exception types"):
+        RetryPolicy(permanent=("ValueError",))  # type: ignore[arg-type]
+    assert RetryPolicy(permanent=(KeyError,)).is_permanent(KeyError("x"))
+    assert not RetryPolicy(permanent=(KeyError,)).is_permanent(ValueError("x"))
+
+
+def test_retry_after_header() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert retry_after("120", now=now) == 120
+    assert retry_after("Thu, 01 Jan 2026 12:00:30 GMT", now=now) == 30
+    assert retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now=now) == 0
+    assert retry_after("soon", now=now) is None
+    assert retry_after(None) is None
+    assert retry_after("99999999") == 86400
+
+
+def test_attempt_header_parsing_and_stripping() -> None:
+    assert attempts(None) == 0
+    assert attempts({"x-steadyrabbit-attempts": 3}) == 3
+    assert attempts({"x-steadyrabbit-attempts": "3"}) == 0
+    assert attempts({"x-steadyrabbit-attempts": True}) == 0
+    headers = {"x-steadyrabbit-reason": "r", "x-death": [], "tenant": "acme"}
+    assert without_ours(headers) == {"tenant": "acme"}
