@@ -455,7 +455,7 @@ def steadyrabbit(*args: str) -> subprocess.CompletedProcess[str]:
         ),
         pytest.param(
             ["--processes", "2", "--metrics-port", "9100"],
-            "cannot be combined with --processes",
+            "cannot be combined with --processes above 1",
             id="processes",
         ),
     ],

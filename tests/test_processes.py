@@ -270,9 +270,10 @@ async def test_two_workers_share_the_queue_and_stop_on_sigterm(
     workers = await two_workers_consuming(supervisor, admin, queue_name)
     assert len(workers) == 2
     assert supervisor.pid not in workers
-    for pid in workers:  # each one the same command, without --processes
+    for pid in workers:  # each one the same command, with --processes 1
         assert cmdline(pid)[1:] == [
-            "-m", "steadyrabbit", "run", "tests.sample_app:app", "--url", MAIN_URL
+            "-m", "steadyrabbit", "run", "tests.sample_app:app", "--url", MAIN_URL,
+            "--processes", "1",
         ]
 
     bodies = [f"message {n}" for n in range(40)]

@@ -8,18 +8,18 @@ import functools
 import importlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from ._app import App
+from ._config import CONFIG_ENV, ENV_PREFIX, Config, env_name, flag, load_config
 from ._dlq import (
     DeadLetterReport,
     ReplayResult,
@@ -34,7 +34,7 @@ from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
 from ._processes import supervise, watch_supervisor, without_option
 from ._relay import relay_app
 from ._retry import RetryPolicy
-from ._settings import DEFAULT_URL, Settings
+from ._settings import Settings
 from ._url import mask_url
 from ._worker import run
 
@@ -49,132 +49,192 @@ EXIT_USAGE = 2
 _STARTUP_MARGIN = 10.0
 
 
-def _connection_options(fn: Callable[..., None]) -> Callable[..., None]:
-    """The broker and logging options every command takes. The command receives them as one
-    validated ``settings`` argument, with logging already configured."""
+@dataclass(frozen=True)
+class _Option:
+    """A command-line flag for the :class:`Config` setting ``key`` (``--key-with-dashes``)."""
 
-    @functools.wraps(fn)
-    def command(
-        *args: Any,
-        urls: tuple[str, ...],
-        heartbeat: int,
-        connect_timeout: float,
-        grace_period: float,
-        consumer_timeout: float,
-        log_level: str,
-        **kwargs: Any,
-    ) -> None:
-        settings = _settings(urls, heartbeat, connect_timeout, grace_period, consumer_timeout)
-        _configure_logging(log_level)
-        fn(*args, settings=settings, **kwargs)
+    key: str
+    type: Any
+    help: str
+    metavar: str | None = None
+    multiple: bool = False
+    aliases: tuple[str, ...] = ()
 
-    options = [
-        click.option(
-            "--url",
-            "urls",
-            multiple=True,
-            envvar="STEADYRABBIT_URL",
-            metavar="URL",
-            help="Broker URL; repeat (or separate with commas) for several nodes, tried in turn. "
-            f"[env STEADYRABBIT_URL; default {mask_url(DEFAULT_URL)}]",
-        ),
-        click.option(
-            "--heartbeat",
-            type=click.IntRange(0, 65535),
-            default=15,
-            show_default=True,
-            help="AMQP heartbeat in seconds; a dead peer is noticed after about two. "
-            "0 turns it off (not recommended).",
-        ),
-        click.option(
-            "--connect-timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=60.0,
-            show_default=True,
-            help="At startup, give up when no broker answered within this many seconds; "
-            "once connected, reconnection never gives up.",
-        ),
-        click.option(
-            "--grace-period",
-            type=click.FloatRange(min=0),
-            default=30.0,
-            show_default=True,
-            help="On SIGTERM/SIGINT, seconds running handlers get to finish.",
-        ),
-        click.option(
-            "--consumer-timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=1800.0,
-            show_default=True,
-            help="The broker's consumer_timeout in seconds (RabbitMQ default 1800); prefetched "
-            "messages that wait half of it unstarted go back to the queue.",
-        ),
-        click.option(
-            "--log-level",
-            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-            default="info",
-            show_default=True,
-        ),
-        click.option(
-            "--log-format",
-            type=click.Choice(["plain", "json"]),
-            default="plain",
-            show_default=True,
-            envvar="STEADYRABBIT_LOG_FORMAT",
-            expose_value=False,
-            callback=_remember_log_format,
-            help="json: one JSON object per line (time, level, logger, pid, message, error). "
-            "[env STEADYRABBIT_LOG_FORMAT]",
-        ),
-    ]
-    decorated: Callable[..., None] = command
-    for option in reversed(options):
-        decorated = option(decorated)
-    return decorated
+    def decorate(self, fn: F) -> F:
+        default = Config.model_fields[self.key].default
+        if self.key == "url":
+            default = ", ".join(mask_url(url) for url in default)
+        elif isinstance(default, tuple):
+            default = ", ".join(map(str, default)) or None
+        shown = "" if default is None else f"default: {default}; "
+        return click.option(
+            self.key,
+            flag(self.key),
+            *self.aliases,
+            type=self.type,
+            multiple=self.multiple,
+            default=() if self.multiple else None,
+            metavar=self.metavar,
+            help=f"{self.help}  [{shown}env {env_name(self.key)}]",
+        )(fn)
 
 
-def _processes_option(fn: F) -> F:
-    return click.option(
-        "--processes",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        metavar="N",
-        help="Run N worker processes, each with its own connection, under a supervisor that "
-        "restarts one that dies and passes SIGTERM/SIGINT on (signal the supervisor only; "
-        "systemd: KillMode=mixed).",
-    )(fn)
-
-
-def _metrics_options(fn: F) -> F:
-    fn = click.option(
-        "--metrics-host",
+_SECONDS = click.FloatRange(min=0, min_open=True)
+_BROKER = (
+    _Option(
+        "url", str, "Broker URL; repeat (or separate with commas) for several nodes, tried in "
+        "turn.", metavar="URL", multiple=True,
+    ),
+    _Option(
+        "heartbeat", click.IntRange(0, 65535), "AMQP heartbeat in seconds; a dead peer is "
+        "noticed after about two. 0 turns it off (not recommended).",
+    ),
+    _Option(
+        "connect_timeout", _SECONDS, "At startup, give up when no broker answered within this "
+        "many seconds; once connected, reconnection never gives up.",
+    ),
+    _Option(
+        "log_level", click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        "Log level.",
+    ),
+    _Option(
+        "log_format", click.Choice(["plain", "json"]), "json: one JSON object per line (time, "
+        "level, logger, pid, message, error).",
+    ),
+)
+_WORKER = (
+    _Option(
+        "grace_period", click.FloatRange(min=0), "On SIGTERM/SIGINT, seconds running handlers "
+        "get to finish.",
+    ),
+    _Option(
+        "consumer_timeout", _SECONDS, "The broker's consumer_timeout in seconds (RabbitMQ "
+        "default 1800); prefetched messages that wait half of it unstarted go back to the queue.",
+    ),
+    _Option(
+        "state_dir", click.Path(file_okay=False), "Where crash-loop records of classic-queue "
+        "messages are kept.  (~/.local/state/steadyrabbit when unset)", metavar="DIR",
+    ),
+    _Option(
+        "processes", click.IntRange(1, 1024), "Run N worker processes, each with its own "
+        "connection, under a supervisor that restarts one that dies and passes SIGTERM/SIGINT "
+        "on (signal the supervisor only; systemd: KillMode=mixed).", metavar="N",
+    ),
+    _Option(
+        "metrics_port", click.IntRange(0, 65535), "Serve Prometheus /metrics, /healthz, "
+        "/readyz, /status.json and a status page (/) over HTTP on this port (0: a free port, "
+        "logged).  Off when unset.", metavar="PORT",
+    ),
+    _Option(
+        "metrics_host", str, "Address the metrics endpoint listens on.  (127.0.0.1 when unset)",
         metavar="HOST",
-        default=None,
-        help="Address the metrics endpoint listens on.  [default: 127.0.0.1]",
-    )(fn)
-    return click.option(
-        "--metrics-port",
-        type=click.IntRange(0, 65535),
-        default=None,
-        metavar="PORT",
-        help="Serve Prometheus /metrics, /healthz and /readyz over HTTP on this port "
-        "(0: a free port, logged).  [default: off]",
-    )(fn)
+    ),
+    _Option(
+        "alert_smtp_url", str, "Send alerts by e-mail through this server: "
+        "smtp://[USER:PASSWORD@]HOST[:PORT], smtps://... (TLS) or smtp+starttls://...",
+        metavar="URL",
+    ),
+    _Option("alert_email_from", str, "Sender address of alert e-mails.", metavar="ADDRESS"),
+    _Option(
+        "alert_email_to", str, "Recipient of alert e-mails; repeat or separate with commas.",
+        metavar="ADDRESS", multiple=True,
+    ),
+    _Option(
+        "alert_webhook_url", str, "POST alerts as JSON to this URL.", metavar="URL",
+    ),
+    _Option(
+        "alert_group_wait", _SECONDS, "Seconds to collect alerts of a new kind before "
+        "sending them as one.", metavar="SECONDS",
+    ),
+    _Option(
+        "alert_repeat_interval", _SECONDS, "After an alert, the same kind is held back this "
+        "many seconds and then reported once with its count.", metavar="SECONDS",
+    ),
+    _Option(
+        "alert_reconnect_threshold", click.IntRange(min=1), "Alert when this many reconnects "
+        "happen within the repeat interval.", metavar="N",
+    ),
+    _Option(
+        "alert_stuck_after", _SECONDS, "Alert when a handler runs longer than this many "
+        "seconds.  (half the consumer timeout when unset)", metavar="SECONDS",
+    ),
+)
+_WINDOW = (
+    _Option(
+        "concurrency", click.IntRange(1, 65535), "Messages handled at once (for the relay: "
+        "requests in flight).",
+    ),
+    _Option(
+        "prefetch", click.IntRange(1, 65535), "Messages the broker may send ahead.  (the "
+        "concurrency when unset; never unlimited)",
+    ),
+)
+_RELAY = (
+    _Option(
+        "exchange", str, "Bind QUEUE to this exchange (declared durable topic if missing).",
+    ),
+    _Option("routing_key", str, "Routing key of the binding (with --exchange)."),
+    _Option("http_timeout", _SECONDS, "HTTP timeout in seconds.", aliases=("--timeout",)),
+    _Option(
+        "max_attempts", click.IntRange(min=1), "Attempts per message (the first included) "
+        "before it is dead-lettered.",
+    ),
+    _Option(
+        "retry_delay", str, "Delay before retry 1, 2, ...; repeat or separate with commas; the "
+        "last repeats.  (exponential backoff with jitter, 1 s to 300 s, when unset)",
+        metavar="SECONDS", multiple=True,
+    ),
+    _Option(
+        "queue_type", click.Choice(["classic", "quorum"]), "Type of the retry and dead-letter "
+        "queues (and of QUEUE, if it must be created).",
+    ),
+)
+_DOCTOR = (
+    _Option(
+        "handler_seconds", _SECONDS, "How long a handler takes (expected or worst case), "
+        "checked against --consumer-timeout with the prefetch.", metavar="S",
+    ),
+    _Option(
+        "management_url", str, "The management HTTP API.  (http://<broker host>:15672 with the "
+        "broker URL's credentials when unset)", metavar="URL",
+    ),
+)
+_TOP = (_Option("interval", _SECONDS, "Seconds between refreshes.", metavar="SECONDS"),)
 
 
-def _with_metrics(
-    settings: Settings, processes: int, port: int | None, host: str | None
-) -> Settings:
-    if port is None:
-        if host is not None:
-            raise ConfigurationError("--metrics-host needs --metrics-port")
-        return settings
-    if processes > 1:
-        raise ConfigurationError(
-            "--metrics-port serves one worker process: it cannot be combined with --processes"
-        )
-    return replace(settings, metrics_port=port, metrics_host=host or settings.metrics_host)
+_Command = Callable[..., None]
+
+
+def _configured(*groups: tuple[_Option, ...]) -> Callable[[_Command], _Command]:
+    """Add the flags of ``groups`` and ``--config``; the command receives them as one validated
+    ``config`` (flag > environment > file), with logging configured."""
+    options = [option for group in groups for option in group]
+
+    def decorate(fn: _Command) -> _Command:
+        @functools.wraps(fn)
+        def command(*args: Any, config_file: str | None, **kwargs: Any) -> None:
+            given: dict[str, Any] = {}
+            for option in options:
+                value = kwargs.pop(option.key)
+                if value is not None and value != ():
+                    given[option.key] = value
+            config = load_config(given, config_file)
+            _configure_logging(config.log_level, config.log_format)
+            fn(*args, config=config, **kwargs)
+
+        decorated: _Command = command
+        for option in reversed(options):
+            decorated = option.decorate(decorated)
+        return click.option(
+            "config_file",
+            "--config",
+            type=click.Path(dir_okay=False),
+            metavar="FILE",
+            help=f"Read settings from this TOML file (keys as the flags: connect_timeout = 5); "
+            f"flags and {ENV_PREFIX}* variables take precedence.  [env {CONFIG_ENV}]",
+        )(decorated)
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -182,40 +242,6 @@ class _CommandLine:
     """The arguments main() was given, for the workers of ``--processes``."""
 
     args: tuple[str, ...]
-
-
-def _window_options(fn: F) -> F:
-    """--concurrency and --prefetch, as a worker (or the relay) uses them."""
-    fn = click.option(
-        "--prefetch",
-        type=click.IntRange(1, 65535),
-        default=None,
-        help="Messages the broker may send ahead (default: the concurrency; never unlimited).",
-    )(fn)
-    return click.option(
-        "--concurrency",
-        type=click.IntRange(1, 65535),
-        default=1,
-        show_default=True,
-        help="Messages handled at once (for the relay: requests in flight).",
-    )(fn)
-
-
-def _settings(
-    urls: Sequence[str],
-    heartbeat: int,
-    connect_timeout: float,
-    grace_period: float,
-    consumer_timeout: float,
-) -> Settings:
-    split = tuple(part.strip() for url in urls for part in url.split(",") if part.strip())
-    return Settings(
-        urls=split or (DEFAULT_URL,),
-        heartbeat=heartbeat,
-        connect_timeout=connect_timeout,
-        grace_period=grace_period,
-        consumer_timeout=consumer_timeout,
-    )
 
 
 class _MaskSecrets(logging.Filter):
@@ -243,15 +269,8 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _remember_log_format(ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    ctx.meta["steadyrabbit.log_format"] = value
-    return value
-
-
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    context = click.get_current_context(silent=True)
-    log_format = context.meta.get("steadyrabbit.log_format") if context else None
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
@@ -300,7 +319,9 @@ def _worker_command(ctx: click.Context) -> list[str]:
     given = ctx.find_root().obj
     if not isinstance(given, _CommandLine) or not sys.executable:
         raise ConfigurationError("--processes works only from the command line (main())")
-    args = without_option(given.args, "--processes")
+    # Each worker is told --processes 1 explicitly: the count may have come from the
+    # environment or the config file, which the workers inherit.
+    args = [*without_option(given.args, "--processes"), "--processes", "1"]
     # The workers must parse exactly these options; an option value spelled "--processes"
     # would have been taken out too.
     expected = {**ctx.params, "processes": 1}
@@ -324,117 +345,45 @@ def cli() -> None:
 
 @cli.command("run")
 @click.argument("target", metavar="MODULE:APP")
-@_processes_option
-@_metrics_options
-@_connection_options
-def run_command(
-    target: str,
-    processes: int,
-    metrics_port: int | None,
-    metrics_host: str | None,
-    settings: Settings,
-) -> None:
+@_configured(_BROKER, _WORKER)
+def run_command(target: str, config: Config) -> None:
     """Run the steadyrabbit App named MODULE:APP (e.g. myproject.workers:app)."""
-    settings = _with_metrics(settings, processes, metrics_port, metrics_host)
-    if processes > 1:
-        _supervise(processes, settings)  # the workers import the app, not the supervisor
+    settings = config.settings()
+    if config.processes > 1:
+        _supervise(config.processes, settings)  # the workers import the app, not the supervisor
     _serve(load_app(target), settings)
 
 
 @cli.command("relay")
 @click.argument("queue")
 @click.argument("target_url")
-@click.option("--exchange", help="Bind QUEUE to this exchange (declared durable topic if missing).")
-@click.option("--routing-key", help="Routing key of the binding (with --exchange).")
-@_window_options
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="HTTP timeout in seconds.",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="Attempts per message (the first included) before it is dead-lettered.",
-)
-@click.option(
-    "--retry-delay",
-    "retry_delays",
-    multiple=True,
-    metavar="SECONDS",
-    help="Delay before retry 1, 2, ...; repeat or separate with commas; the last repeats. "
-    "[default: exponential backoff with jitter, 1 s to 300 s]",
-)
-@click.option(
-    "--queue-type",
-    type=click.Choice(["classic", "quorum"]),
-    default="classic",
-    show_default=True,
-    help="Type of the retry and dead-letter queues (and of QUEUE, if it must be created).",
-)
-@_processes_option
-@_metrics_options
-@_connection_options
-def relay_command(
-    queue: str,
-    target_url: str,
-    exchange: str | None,
-    routing_key: str | None,
-    concurrency: int,
-    prefetch: int | None,
-    timeout: float,
-    max_attempts: int,
-    retry_delays: tuple[str, ...],
-    queue_type: str,
-    processes: int,
-    metrics_port: int | None,
-    metrics_host: str | None,
-    settings: Settings,
-) -> None:
+@_configured(_BROKER, _WORKER, _WINDOW, _RELAY)
+def relay_command(queue: str, target_url: str, config: Config) -> None:
     """Consume QUEUE and POST every message to TARGET_URL.
 
     A 2xx answer acks the message. 408, 429, 5xx, a timeout or an unreachable target retry it
     later (honouring Retry-After), up to --max-attempts; any other answer sends it to QUEUE.dlq
     with the status and the start of the response.
     """
-    settings = _with_metrics(settings, processes, metrics_port, metrics_host)
-    if exchange is not None and routing_key is None:
+    settings = config.settings()
+    if config.exchange is not None and config.routing_key is None:
         raise ConfigurationError("--exchange needs --routing-key")
-    if routing_key is not None and exchange is None:
+    if config.routing_key is not None and config.exchange is None:
         raise ConfigurationError("--routing-key needs --exchange")
     app = relay_app(
         queue,
         target_url,
-        timeout=timeout,
-        concurrency=concurrency,
-        prefetch=prefetch,
-        exchange=exchange,
-        routing_key=routing_key,
-        retry=RetryPolicy(max_attempts=max_attempts, delays=_delays(retry_delays)),
-        queue_type=queue_type,
+        timeout=config.http_timeout,
+        concurrency=config.concurrency,
+        prefetch=config.prefetch,
+        exchange=config.exchange,
+        routing_key=config.routing_key,
+        retry=RetryPolicy(max_attempts=config.max_attempts, delays=config.retry_delay or None),
+        queue_type=config.queue_type,
     )
-    if processes > 1:
-        _supervise(processes, settings)
+    if config.processes > 1:
+        _supervise(config.processes, settings)
     _serve(app, settings)
-
-
-def _delays(values: tuple[str, ...]) -> tuple[float, ...] | None:
-    parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
-    if not parts:
-        return None
-    try:
-        delays = tuple(float(part) for part in parts)
-    except ValueError:
-        raise ConfigurationError(
-            f"--retry-delay takes seconds, like 5 or 0.5,30,300; got {', '.join(parts)!r}"
-        ) from None
-    if any(not (delay >= 0 and math.isfinite(delay)) for delay in delays):
-        raise ConfigurationError("--retry-delay values must be >= 0 seconds")
-    return delays
 
 
 # -- dlq: look into, replay and purge <queue>.dlq ------------------------------------------------
@@ -455,17 +404,18 @@ def dlq_group() -> None:
     help="Show at most this many messages (from the head of the queue).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_connection_options
+@_configured(_BROKER)
 def dlq_list_command(
     queue: str,
     limit: int,
     as_json: bool,
-    settings: Settings,
+    config: Config,
 ) -> None:
     """Show how many messages QUEUE.dlq holds and the first of them, leaving them in place.
 
     QUEUE is the original queue's name.
     """
+    settings = config.settings()
     report = asyncio.run(list_dead_letters(settings, queue, limit=limit))
     if as_json:
         document = {
@@ -548,13 +498,13 @@ def _confirmed(
     "case-insensitive; the others stay in place.",
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@_connection_options
+@_configured(_BROKER)
 def dlq_replay_command(
     queue: str,
     limit: int | None,
     error_filter: str | None,
     yes: bool,
-    settings: Settings,
+    config: Config,
 ) -> None:
     """Move the messages of QUEUE.dlq back to the queue they failed in, to be consumed again.
 
@@ -563,6 +513,7 @@ def dlq_replay_command(
     messages present at the start are replayed. The first SIGINT or SIGTERM stops after the
     message in hand; run the command again to replay the rest.
     """
+    settings = config.settings()
     dlq = dead_letter_queue(queue)
 
     def question(count: int) -> str:
@@ -660,13 +611,14 @@ def _replay_summary(result: ReplayResult, error_filter: str | None) -> str:
 @dlq_group.command("purge")
 @click.argument("queue")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@_connection_options
+@_configured(_BROKER)
 def dlq_purge_command(
     queue: str,
     yes: bool,
-    settings: Settings,
+    config: Config,
 ) -> None:
     """Delete every message of QUEUE.dlq. Asks first, unless --yes."""
+    settings = config.settings()
     dlq = dead_letter_queue(queue)
 
     def question(count: int) -> str:
@@ -683,32 +635,9 @@ def dlq_purge_command(
 
 @cli.command("doctor")
 @click.argument("queues", nargs=-1, metavar="[QUEUE]...")
-@_window_options
-@click.option(
-    "--handler-seconds",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    metavar="S",
-    help="How long a handler takes (expected or worst case), checked against "
-    "--consumer-timeout with the prefetch.",
-)
-@click.option(
-    "--management-url",
-    metavar="URL",
-    help="The management HTTP API.  [default: http://<broker host>:15672 with the broker "
-    "URL's credentials]",
-)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_connection_options
-def doctor_command(
-    queues: tuple[str, ...],
-    concurrency: int,
-    prefetch: int | None,
-    handler_seconds: float | None,
-    management_url: str | None,
-    as_json: bool,
-    settings: Settings,
-) -> None:
+@_configured(_BROKER, _WORKER, _WINDOW, _RELAY, _DOCTOR)
+def doctor_command(queues: tuple[str, ...], as_json: bool, config: Config) -> None:
     """Check the broker, each QUEUE and these worker settings before running a worker.
 
     Connects as a worker with the same options would and reports, as a checklist (or JSON):
@@ -716,16 +645,17 @@ def doctor_command(
     their prefetch, dead-letter and retry queues), whether a prefetched message would wait
     past consumer_timeout, alarms and blocked connections, each with a one-line fix. Works
     without the management plugin, listing what it could not check. Exit status 1 when a
-    finding is critical.
+    finding is critical. Takes every option of `run` and `relay`, so that a worker's command
+    line (or config file) can be checked as it is.
     """
     report = asyncio.run(
         diagnose(
-            settings,
+            config.settings(),
             queues,
-            prefetch=prefetch,
-            concurrency=concurrency,
-            handler_seconds=handler_seconds,
-            management_url=management_url,
+            prefetch=config.prefetch,
+            concurrency=config.concurrency,
+            handler_seconds=config.handler_seconds,
+            management_url=config.management_url,
         )
     )
     unicode = can_encode(sys.stdout)
