@@ -13,6 +13,9 @@
 #   * a RabbitMQ broker answers on 127.0.0.1:5672 (started, or on Debian as root
 #     installed with apt-get, when it does not), unless STEADYRABBIT_URL names a broker
 #     on another host,
+#   * Chromium is installed (the status page's tests run it headless): on Debian as root
+#     it is installed with apt-get when missing; otherwise a missing one is only reported
+#     (those tests then fail and say so), and STEADYRABBIT_SKIP_BROWSER=1 skips all this,
 # and then exports VENV (and VIRTUAL_ENV) and puts .venv/bin first on PATH.
 #
 # When nothing has to be done it takes a few tens of milliseconds and prints nothing.
@@ -325,7 +328,8 @@ ensure_broker() {
             "" | localhost | localhost.localdomain | 127.* | ::1 | 0.0.0.0) ;;
             *) return 0 ;; # a broker elsewhere: not ours to start
         esac
-        [[ $port =~ ^[0-9]+$ ]] || die "cannot read the port in STEADYRABBIT_URL=$url"
+        # Name the host part only: the URL may carry a password.
+        [[ $port =~ ^[0-9]+$ ]] || die "cannot read the port in STEADYRABBIT_URL (host part: $authority)"
     fi
 
     local_broker_up "$port" && return 0
@@ -384,5 +388,22 @@ ensure_broker() {
     log "RabbitMQ answers on 127.0.0.1:5672 (after $((SECONDS - start))s)"
 }
 
+# ------------------------------------------------------------------------------ browser
+have_chromium() { have chromium || have chromium-browser; }
+
+ensure_browser() {
+    [[ ${STEADYRABBIT_SKIP_BROWSER:-} == 1 ]] && return 0
+    have_chromium && return 0
+    if can_apt; then
+        log "chromium is not installed (the status page's tests run it headless)"
+        apt_install chromium
+        have_chromium || die "chromium is still missing after 'apt-get install chromium'"
+        return 0
+    fi
+    # Only the browser tests need it: they fail with this advice; nothing else is held up.
+    log "chromium is not installed: the status page's tests will fail (Debian/Ubuntu: sudo apt-get install -y chromium; or set STEADYRABBIT_SKIP_BROWSER=1 to skip them)"
+}
+
 ensure_venv
 ensure_broker
+ensure_browser

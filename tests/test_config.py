@@ -55,6 +55,7 @@ SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "alert_stuck_after": (120, "120", 120.0),
     "handler_seconds": (75, "75", 75.0),
     "management_url": ("http://mq:15672", "http://mq:15672", "http://mq:15672"),
+    "interval": (2, "2", 2.0),
 }
 
 
@@ -162,16 +163,16 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
 # -- through the real command line, against the real broker ------------------------------------
 
 
-def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("STEADYRABBIT_")}
     return subprocess.run(
         [sys.executable, "-m", "steadyrabbit", *args],
         cwd=ROOT,
-        env={**base, **env},
+        env={**base, **(env or {})},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=60,
         check=False,
     )
 
@@ -183,13 +184,13 @@ def test_doctor_connects_with_settings_from_file_and_environment(
     both and reports the heartbeat the broker negotiated."""
     path = tmp_path / "steadyrabbit.toml"
     path.write_text(f'url = "{MAIN_URL}"\nheartbeat = 9\nconnect_timeout = 10\n')
-    result = run_cli(
-        "doctor", "--json", "--config", str(path), STEADYRABBIT_HEARTBEAT="0"
-    )
+    result = run_cli("doctor", "--json", "--config", str(path), env={"STEADYRABBIT_HEARTBEAT": "0"})
     report = json.loads(result.stdout)
     assert report["heartbeat_negotiated"] == 0, report
-    with_flag = run_cli("doctor", "--json", "--config", str(path), "--heartbeat", "11",
-                        STEADYRABBIT_HEARTBEAT="0")
+    with_flag = run_cli(
+        "doctor", "--json", "--config", str(path), "--heartbeat", "11",
+        env={"STEADYRABBIT_HEARTBEAT": "0"},
+    )
     assert json.loads(with_flag.stdout)["heartbeat_negotiated"] == 11
 
 
@@ -224,7 +225,7 @@ def test_configuration_errors_are_one_line_and_exit_2(
     fill = {"file": str(file), "missing": str(missing)}
     result = run_cli(
         *(arg.format(**fill) for arg in args),
-        **{name: value.format(**fill) for name, value in env.items()},
+        env={name: value.format(**fill) for name, value in env.items()},
     )
     assert result.returncode == 2, result
     [line] = result.stderr.splitlines()
@@ -235,7 +236,7 @@ def test_configuration_errors_are_one_line_and_exit_2(
 
 def test_a_bad_url_from_the_environment_is_masked() -> None:
     url = f"amqp://guest:{PASSWORD}@127.0.0.1:5672/%2F?heartbeat=never"
-    result = run_cli("relay", "q", "http://x", STEADYRABBIT_URL=url)
+    result = run_cli("relay", "q", "http://x", env={"STEADYRABBIT_URL": url})
     assert result.returncode == 2, result
     [line] = result.stderr.splitlines()
     assert "heartbeat" in line

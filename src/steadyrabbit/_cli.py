@@ -35,6 +35,7 @@ from ._processes import supervise, watch_supervisor, without_option
 from ._relay import relay_app
 from ._retry import RetryPolicy
 from ._settings import Settings
+from ._top import run_top
 from ._url import mask_url
 from ._worker import run
 
@@ -665,6 +666,23 @@ def doctor_command(queues: tuple[str, ...], as_json: bool, config: Config) -> No
         click.echo(format_report(report, unicode=unicode))
     if report.critical:
         sys.exit(EXIT_FAILURE)
+
+
+# -- top: watch a running worker ---------------------------------------------------------------
+
+
+@cli.command("top")
+@click.argument("url", metavar="METRICS_URL")
+@click.option("--once", is_flag=True, help="Print one frame (averages since start) and exit.")
+@_configured(_TOP)
+def top_command(url: str, once: bool, config: Config) -> None:
+    """Watch a running worker: throughput, handlers in flight and their age against
+    consumer_timeout, retries, dead letters and reconnects.
+
+    METRICS_URL is the worker's metrics endpoint (--metrics-port): http://HOST:PORT, HOST:PORT
+    or just PORT on this machine. Ctrl-C ends it.
+    """
+    run_top(url, interval=config.interval, once=once)
 
 
 def load_app(target: str) -> App:

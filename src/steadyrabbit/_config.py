@@ -76,6 +76,8 @@ class Config(BaseModel):
     # -- doctor
     handler_seconds: _Seconds | None = Field(None, gt=0)
     management_url: str | None = None
+    # -- top
+    interval: _Seconds = Field(1.0, gt=0)
 
     @field_validator("url", "alert_email_to", "retry_delay", mode="before")
     @classmethod

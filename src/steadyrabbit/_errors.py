@@ -9,6 +9,7 @@ The tree::
     │   ├── AccessRefusedError     no access to the virtual host or resource
     │   └── TopologyConflictError  a queue or exchange exists with other properties
     ├── BrokerUnreachableError     no broker answered within the first-connection budget
+    ├── StatusUnavailableError     a worker's metrics endpoint did not answer with its status
     ├── ConnectionLostError        transient: the connection broke; the supervisor reconnects
     ├── ChannelClosedError         the broker closed a channel (reply code and text attached)
     ├── ClosedByUserError          you closed it; nothing is reconnected
@@ -48,6 +49,11 @@ class TopologyConflictError(PermanentBrokerError):
 
 class BrokerUnreachableError(SteadyRabbitError):
     """No configured broker accepted a connection within the first-connection budget."""
+
+
+class StatusUnavailableError(SteadyRabbitError):
+    """``steadyrabbit top``: the URL did not answer, or not as a steadyrabbit worker's metrics
+    endpoint (``/status.json``)."""
 
 
 class ConnectionLostError(SteadyRabbitError):

@@ -3,7 +3,9 @@
 ``Settings(metrics_port=...)`` (``--metrics-port`` on the command line) makes the worker answer
 ``GET /metrics`` (Prometheus exposition by ``prometheus_client``), ``GET /healthz`` (200 while
 the event loop turns: a blocked loop cannot answer at all) and ``GET /readyz`` (200 once
-connected with every consumer registered, else 503 and the reason in one line).
+connected with every consumer registered, else 503 and the reason in one line), and the live
+status: ``GET /status.json`` (one JSON document, see :mod:`steadyrabbit._status`; read by
+``steadyrabbit top``) and ``GET /`` (a page that polls it and charts the throughput).
 
 Nothing here runs per message except where it has to: the counters the worker keeps anyway
 (:class:`Stats`) are read when scraped, by a custom collector; only the handler durations and
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from time import monotonic
@@ -41,13 +45,14 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ._errors import ConfigurationError
+from ._status import RECONNECT_CAUSES, build_status, not_ready_reason, status_page
 
 if TYPE_CHECKING:
     from ._amqp import AmqpConnection
     from ._consumer import Consumer
     from ._worker import Worker
 
-__all__ = ["Durations", "MetricsServer", "not_ready_reason"]
+__all__ = ["RECONNECT_CAUSES", "Durations", "MetricsServer", "not_ready_reason"]
 
 log = logging.getLogger("steadyrabbit")
 
@@ -58,12 +63,10 @@ DURATION_BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 )  # fmt: skip
 _BUCKET_LABELS = (*(repr(bound) for bound in DURATION_BUCKETS), "+Inf")
-#: Reconnect causes shown (at 0) before they first happen, so that rate() sees the first one.
-RECONNECT_CAUSES = ("closed_by_broker", "connect_failed", "connection_lost", "missed_heartbeats")
 
 _MAX_REQUEST_HEAD = 8192
 _REQUEST_TIMEOUT = 10.0
-_PATHS = "/metrics, /healthz or /readyz"
+_PATHS = "/metrics, /healthz, /readyz, /status.json or / (the status page)"
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -73,6 +76,8 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_HTML = "text/html; charset=utf-8"
 
 
 class Durations:
@@ -122,21 +127,6 @@ class BrokerTraffic:
     def age(self, role: str) -> float | None:
         seen = self._seen.get(role)
         return None if seen is None else monotonic() - seen[2]
-
-
-def not_ready_reason(worker: Worker) -> str | None:
-    """None when the worker is ready (connected, every consumer registered), else why not."""
-    if worker.ready:
-        return None
-    if worker.stopping:
-        return "stopping"
-    consumers = worker.consumers
-    if not consumers:
-        return "starting"
-    if worker.connections.get("consume") is None:
-        return "not connected to the broker (connecting)"
-    pending = ", ".join(repr(c.spec.queue) for c in consumers if not c.ready.is_set())
-    return f"not consuming {pending} yet (restoring the channel and the consumer)"
 
 
 class WorkerCollector(Collector):
@@ -337,7 +327,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 class MetricsServer:
     """The HTTP endpoint of one worker: started and stopped by the worker, on its loop.
 
-    A minimal HTTP/1.1 server (GET and HEAD of three paths, one request per connection) on
+    A minimal HTTP/1.1 server (GET and HEAD of a few paths, one request per connection) on
     :func:`asyncio.start_server`, so that it answers exactly as long as the event loop that
     owns the AMQP connection turns.
     """
@@ -355,6 +345,8 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
+        self._started = time.monotonic()
+        self._started_at = time.time()
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self.address: tuple[str, int] | None = None
@@ -380,7 +372,10 @@ class MetricsServer:
         self._server = server
         host, port = server.sockets[0].getsockname()[:2]
         self.address = (str(host), int(port))
-        log.info("metrics on http://%s/metrics (health: /healthz, /readyz)", _host_port(host, port))
+        log.info(
+            "metrics on http://%s/metrics (health: /healthz, /readyz; status page: /)",
+            _host_port(host, port),
+        )
 
     async def stop(self) -> None:
         server, self._server = self._server, None
@@ -440,6 +435,12 @@ class MetricsServer:
                     status, content_type, body = 200, _TEXT, b"ready\n"
                 else:
                     status, content_type, body = 503, _TEXT, f"not ready: {reason}\n".encode()
+            elif path == "/status.json":
+                status, content_type, body = self._status()
+            elif path in ("/", "/status"):
+                body, extra["Content-Security-Policy"] = status_page()
+                status, content_type = 200, _HTML
+                extra["X-Content-Type-Options"] = "nosniff"
             else:
                 status, content_type, body = 404, _TEXT, f"not found: try {_PATHS}\n".encode()
         lines = [
@@ -454,6 +455,20 @@ class MetricsServer:
         if method != "HEAD":
             writer.write(body)
         await writer.drain()
+
+    def _status(self) -> tuple[int, str, bytes]:
+        try:
+            document = build_status(
+                self._worker,
+                self._durations,
+                self._traffic,
+                started=self._started,
+                started_at=self._started_at,
+            )
+        except Exception:
+            log.exception("building the status document failed")
+            return 500, _TEXT, b"building the status failed; see the worker's log\n"
+        return 200, _JSON, json.dumps(document, separators=(",", ":")).encode()
 
     def _metrics(self, accept: str) -> tuple[int, str, bytes]:
         encoder, content_type = choose_encoder(accept)

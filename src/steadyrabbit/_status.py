@@ -1,0 +1,193 @@
+"""A worker's live status as one JSON document, and the page that shows it in a browser.
+
+The metrics endpoint serves ``GET /status.json`` (:func:`build_status`) and ``GET /`` (the page
+in ``status.html``, which polls ``/status.json`` every second and draws the throughput).
+``steadyrabbit top`` reads the same document. It is built when asked for, from the state the
+Prometheus collector reads too (:class:`Stats`, the consumers, the handler durations, the
+broker-traffic ages): nothing here runs per message.
+
+The counters in ``totals`` are the worker's (:class:`Stats` is kept per worker, not per queue);
+a consumer's own ``delivered``, ``acked``, ``retried`` and ``dead_lettered`` are given only when
+the worker has that one consumer, and are null otherwise. ``handled`` (handler calls finished)
+is always per queue. The broker appears only as its masked URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import os
+import re
+import socket
+from datetime import UTC, datetime
+from importlib.resources import files
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._consumer import Consumer
+    from ._metrics import BrokerTraffic, Durations
+    from ._worker import Worker
+
+__all__ = ["FORMAT", "RECONNECT_CAUSES", "build_status", "not_ready_reason", "status_page"]
+
+#: ``format`` of the document; bumped when a field changes meaning or goes away.
+FORMAT = 1
+#: Reconnect causes shown (at 0) before they first happen, so that rate() sees the first one.
+RECONNECT_CAUSES = ("closed_by_broker", "connect_failed", "connection_lost", "missed_heartbeats")
+#: At most this many in-flight ages per consumer, oldest first: the page and ``top`` show the
+#: ones nearest to consumer_timeout, and a concurrency of 500 must not make a huge document.
+MAX_AGES = 20
+
+
+def not_ready_reason(worker: Worker) -> str | None:
+    """None when the worker is ready (connected, every consumer registered), else why not."""
+    if worker.ready:
+        return None
+    if worker.stopping:
+        return "stopping"
+    consumers = worker.consumers
+    if not consumers:
+        return "starting"
+    if worker.connections.get("consume") is None:
+        return "not connected to the broker (connecting)"
+    pending = ", ".join(repr(c.spec.queue) for c in consumers if not c.ready.is_set())
+    return f"not consuming {pending} yet (restoring the channel and the consumer)"
+
+
+def build_status(
+    worker: Worker,
+    durations: dict[str, Durations],
+    traffic: BrokerTraffic,
+    *,
+    started: float,
+    started_at: float,
+) -> dict[str, Any]:
+    """The status document of ``worker`` (JSON-ready); call on the worker's event loop.
+
+    ``started`` is when the worker started, by ``time.monotonic()``; ``started_at`` the same
+    moment by ``time.time()``.
+    """
+    now = monotonic()
+    settings = worker.settings
+    stats = worker.stats
+    connections = worker.connections
+    traffic.look(connections)
+    links: dict[str, dict[str, Any]] = {}
+    for role, connection in connections.items():
+        links[role] = {
+            "connected": connection is not None,
+            "broker": None if connection is None else connection.address.display,
+            "traffic_age_seconds": _round(traffic.age(role)),
+        }
+    consume = connections.get("consume")
+    watchdog = worker.watchdog
+    consumers = worker.consumers
+    single = len(consumers) == 1
+    return {
+        "format": FORMAT,
+        "kind": "steadyrabbit.status",
+        "worker": {
+            "name": settings.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": datetime.fromtimestamp(started_at, UTC).isoformat(timespec="seconds"),
+            "uptime_seconds": round(now - started, 3),
+        },
+        "ready": worker.ready,
+        "not_ready_reason": not_ready_reason(worker),
+        "consumer_timeout_seconds": settings.consumer_timeout,
+        "heartbeat_seconds": worker.negotiated_heartbeat,
+        # The broker being consumed from, else the first one configured; masked either way.
+        "broker": (consume.address if consume is not None else settings.addresses[0]).display,
+        "connections": links,
+        "broker_traffic_age_seconds": links.get("consume", {}).get("traffic_age_seconds"),
+        "loop_lag_seconds": None if watchdog is None else _round(watchdog.lag),
+        "loop_lag_max_seconds": None if watchdog is None else _round(max(0.0, watchdog.max_lag)),
+        "totals": {
+            "delivered": stats.delivered,
+            "acked": stats.acked,
+            "retried": stats.retried,
+            "dead_lettered": stats.dead_lettered,
+            "requeued_unstarted": stats.requeued_unstarted,
+            "requeued_aged": stats.requeued_aged,
+            "handler_errors": stats.handler_errors,
+            "stale_acks_dropped": stats.stale_settlements_dropped,
+            "channel_recoveries": stats.channel_recoveries,
+            "consumer_cancels": stats.consumer_cancels,
+            "loop_stalls": stats.loop_stalls,
+            "in_flight": sum(c.in_flight for c in consumers),
+            "waiting": sum(c.waiting for c in consumers),
+        },
+        "reconnects": {
+            cause: stats.reconnects[cause]
+            for cause in sorted({*RECONNECT_CAUSES, *stats.reconnects})
+        },
+        "consumers": [
+            _consumer(c, durations.get(c.spec.queue), worker if single else None, now)
+            for c in consumers
+        ],
+    }
+
+
+def _consumer(
+    consumer: Consumer, recorded: Durations | None, alone_in: Worker | None, now: float
+) -> dict[str, Any]:
+    spec = consumer.spec
+    # The messages whose handler runs: the set Consumer.observe keeps for the metrics (read,
+    # never changed, on the loop's thread). A message whose channel closed is still being
+    # handled, but the broker has requeued it already: its ack will be dropped, so its age no
+    # longer counts against consumer_timeout.
+    processing = consumer._processing or ()
+    ages = sorted(
+        (now - m.received_at for m in processing if not m._channel.closed.done()), reverse=True
+    )
+    since = consumer.oldest_unacked()
+    stats = alone_in.stats if alone_in is not None else None
+    return {
+        "queue": spec.queue,
+        "handler": spec.name,
+        "ready": consumer.ready.is_set(),
+        "concurrency": spec.concurrency,
+        "prefetch": spec.prefetch,
+        "in_flight": consumer.in_flight,
+        "waiting": consumer.waiting,
+        "handled": 0 if recorded is None else sum(recorded.counts),
+        "handler_seconds_total": 0.0 if recorded is None else round(recorded.total, 6),
+        "delivered": None if stats is None else stats.delivered,
+        "acked": None if stats is None else stats.acked,
+        "retried": None if stats is None else stats.retried,
+        "dead_lettered": None if stats is None else stats.dead_lettered,
+        "oldest_unacked_age_seconds": 0.0 if since is None else round(max(0.0, now - since), 3),
+        "in_flight_ages_seconds": [round(age, 3) for age in ages[:MAX_AGES]],
+        "in_flight_ages_omitted": max(0, len(ages) - MAX_AGES),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+@functools.cache
+def status_page() -> tuple[bytes, str]:
+    """The status page (``status.html``) and its Content-Security-Policy.
+
+    The page is self-contained and fetches only ``status.json`` next to it, so the policy
+    allows nothing else: its one inline script and one inline style by their hashes.
+    """
+    page = files(__package__).joinpath("status.html").read_bytes()
+    text = page.decode()
+    hashes = {
+        kind: " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+            for body in re.findall(rf"<{kind}>(.*?)</{kind}>", text, re.DOTALL)
+        )
+        for kind in ("script", "style")
+    }
+    policy = (
+        f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return page, policy

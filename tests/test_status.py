@@ -1,0 +1,325 @@
+"""The live status of a worker: ``/status.json`` and the status page (``/``), on a real broker.
+
+The page is run in Debian's headless Chromium (``--dump-dom``): the numbers and the chart in
+the DOM it prints were filled in by the page's own script from ``/status.json``. Chromium is
+required; ``STEADYRABBIT_SKIP_BROWSER=1`` skips those tests, with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from typing import Any
+
+import pika
+import pytest
+
+from steadyrabbit import App, Message, Reject, Retry, Worker
+from tests.conftest import Admin, eventually
+from tests.test_metrics import get, settings
+
+MASKED = "amqp://guest:****@127.0.0.1:5672/%2F"
+# The local broker's password is "guest": this must never be served.
+UNMASKED = "guest:guest@"
+
+
+async def status(worker: Worker) -> dict[str, Any]:
+    response = await get(worker, "/status.json")
+    assert response.status == 200, response
+    assert response.content_type == "application/json"
+    assert UNMASKED not in response.body
+    document = json.loads(response.body)
+    assert isinstance(document, dict)
+    return document
+
+
+def test_status_json_follows_real_traffic(queue_name: str, admin: Admin) -> None:
+    admin.declare(queue_name)
+    admin.publish(queue_name, [b"ok"] * 5 + [b"reject", b"retry"])
+    app = App()
+
+    @app.consumer(queue_name, concurrency=3)
+    async def handle(message: Message) -> None:
+        if message.body == b"reject":
+            raise Reject("no good")
+        if message.body == b"retry":
+            raise Retry("later", delay=60)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with Worker(app, settings(consumer_timeout=900, name="status-test")) as worker:
+            before = await status(worker)
+            await eventually(lambda: worker.stats.acked == 7, what="7 acks")
+            return before, await status(worker)
+
+    before, after = asyncio.run(scenario())
+    assert after["kind"] == "steadyrabbit.status"
+    assert after["format"] == 1
+    assert after["worker"]["name"] == "status-test"
+    assert after["worker"]["pid"] == os.getpid()
+    assert after["worker"]["host"]
+    assert after["worker"]["uptime_seconds"] >= before["worker"]["uptime_seconds"] > 0
+    assert after["ready"] is True
+    assert after["not_ready_reason"] is None
+    assert after["consumer_timeout_seconds"] == 900
+    assert after["heartbeat_seconds"] == 15
+    assert after["broker"] == MASKED
+    assert after["connections"]["consume"] == {
+        "connected": True,
+        "broker": MASKED,
+        "traffic_age_seconds": after["broker_traffic_age_seconds"],
+    }
+    assert 0 <= after["broker_traffic_age_seconds"] < 60
+    assert after["loop_lag_seconds"] >= 0
+    totals = after["totals"]
+    assert (totals["delivered"], totals["acked"]) == (7, 7)
+    assert (totals["retried"], totals["dead_lettered"]) == (1, 1)
+    assert (totals["in_flight"], totals["waiting"], totals["stale_acks_dropped"]) == (0, 0, 0)
+    assert after["reconnects"] == {
+        "closed_by_broker": 0,
+        "connect_failed": 0,
+        "connection_lost": 0,
+        "missed_heartbeats": 0,
+    }
+    [consumer] = after["consumers"]
+    assert consumer["queue"] == queue_name
+    assert consumer["ready"] is True
+    assert (consumer["concurrency"], consumer["prefetch"]) == (3, 3)
+    assert consumer["handled"] == 7, "every handler call, the failing ones too"
+    # One consumer: the worker's counters are its own.
+    assert (consumer["delivered"], consumer["acked"]) == (7, 7)
+    assert (consumer["retried"], consumer["dead_lettered"]) == (1, 1)
+    assert consumer["in_flight_ages_seconds"] == []
+    assert consumer["oldest_unacked_age_seconds"] == 0
+
+
+def test_in_flight_ages_of_slow_handlers_oldest_first(queue_name: str, admin: Admin) -> None:
+    admin.declare(queue_name)
+    app = App()
+    release = asyncio.Event()
+
+    @app.consumer(queue_name, concurrency=3)
+    async def handle(message: Message) -> None:
+        await release.wait()
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with Worker(app, settings(consumer_timeout=60)) as worker:
+            [consumer] = worker.consumers
+            await admin.run(admin.publish, queue_name, [b"first"])
+            await eventually(lambda: consumer.in_flight == 1)
+            await asyncio.sleep(0.4)
+            await admin.run(admin.publish, queue_name, [b"second"])
+            await eventually(lambda: consumer.in_flight == 2)
+            during = await status(worker)
+            release.set()
+            await eventually(lambda: worker.stats.acked == 2, what="2 acks")
+            return during, await status(worker)
+
+    during, after = asyncio.run(scenario())
+    [consumer] = during["consumers"]
+    assert consumer["in_flight"] == 2
+    assert during["totals"]["in_flight"] == 2
+    older, newer = consumer["in_flight_ages_seconds"]
+    assert older >= newer + 0.3, "oldest first"
+    assert 0.4 <= older < 30
+    assert consumer["oldest_unacked_age_seconds"] >= older
+    assert consumer["in_flight_ages_omitted"] == 0
+    assert after["consumers"][0]["in_flight_ages_seconds"] == []
+
+
+def test_the_page_and_its_headers(queue_name: str, admin: Admin) -> None:
+    admin.declare(queue_name)
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        pass
+
+    async def scenario() -> None:
+        async with Worker(app, settings()) as worker:
+            address = worker.metrics_address
+            assert address is not None
+            for path in ("/", "/status", "/?refresh=1"):
+                page = await get(worker, path)
+                assert page.status == 200, path
+                assert page.content_type == "text/html; charset=utf-8"
+                assert '<svg id="chart"' in page.body
+            # Self-contained: nothing is loaded from anywhere (the machine may be offline).
+            assert not re.search(r"https?://|\bsrc=|\bhref=|@import", page.body)
+            assert UNMASKED not in page.body
+            missing = await get(worker, "/nope")
+            assert missing.status == 404
+            assert "/status.json" in missing.body
+            head = await get(worker, "/status.json", "HEAD")
+            assert (head.status, head.body) == (200, "")
+
+    asyncio.run(scenario())
+
+
+def test_the_page_has_a_strict_content_security_policy(queue_name: str, admin: Admin) -> None:
+    import http.client
+
+    admin.declare(queue_name)
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        pass
+
+    def headers(address: tuple[str, int]) -> dict[str, str]:
+        connection = http.client.HTTPConnection(*address, timeout=10)
+        try:
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            response.read()
+            return {name.lower(): value for name, value in response.getheaders()}
+        finally:
+            connection.close()
+
+    async def scenario() -> dict[str, str]:
+        async with Worker(app, settings()) as worker:
+            address = worker.metrics_address
+            assert address is not None
+            return await asyncio.to_thread(headers, address)
+
+    found = asyncio.run(scenario())
+    policy = found["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert "connect-src 'self'" in policy
+    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]+'", policy)
+    assert "unsafe" not in policy
+    assert found["x-content-type-options"] == "nosniff"
+
+
+# -- in Chromium ------------------------------------------------------------------------------
+
+
+def chromium() -> str:
+    if os.environ.get("STEADYRABBIT_SKIP_BROWSER") == "1":
+        pytest.skip("STEADYRABBIT_SKIP_BROWSER=1: the status page is not run in Chromium")
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail(
+            "chromium is not installed, and the status page's tests need it: "
+            "sudo apt-get install -y chromium (scripts/bootstrap.sh does it when run as root), "
+            "or set STEADYRABBIT_SKIP_BROWSER=1 to skip these tests"
+        )
+    return found
+
+
+async def dump_dom(browser: str, url: str, *, budget_ms: int = 5000) -> str:
+    """The DOM of ``url`` after ``budget_ms`` of (virtual) time in headless Chromium."""
+    with tempfile.TemporaryDirectory(prefix="steadyrabbit-chromium-") as profile:
+        process = await asyncio.create_subprocess_exec(
+            browser,
+            "--headless",
+            "--no-sandbox",  # as root (CI containers) Chromium refuses to start otherwise
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            "--dump-dom",
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its helper processes go with it on a timeout
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), 45)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+            raise AssertionError("chromium did not finish within 45 s") from None
+        assert process.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode(errors="replace")
+
+
+def test_the_page_in_chromium_shows_real_numbers_and_draws_the_chart(
+    queue_name: str, admin: Admin
+) -> None:
+    browser = chromium()
+    admin.declare(queue_name)
+    app = App()
+    release = asyncio.Event()
+
+    @app.consumer(queue_name, concurrency=4)
+    async def handle(message: Message) -> None:
+        if message.body == b"slow":
+            await release.wait()
+        elif message.body == b"reject":
+            raise Reject("no good")
+
+    def feed(stop: threading.Event) -> None:
+        # Steady traffic all along (one message every few ms), so that successive polls, which
+        # come quickly in Chromium's virtual time, see the counters move.
+        with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+            channel = connection.channel()
+            while not stop.wait(0.003):
+                channel.basic_publish("", queue_name, b"ok")
+
+    async def scenario() -> tuple[str, int]:
+        async with Worker(app, settings(consumer_timeout=4)) as worker:
+            [consumer] = worker.consumers
+            address = worker.metrics_address
+            assert address is not None
+            await admin.run(admin.publish, queue_name, [b"slow", b"reject"])
+            await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
+            # The slow handler's age passes half of consumer_timeout: its bar turns amber.
+            await asyncio.sleep(2.1)
+            stop = threading.Event()
+            feeding = asyncio.ensure_future(asyncio.to_thread(feed, stop))
+            try:
+                await eventually(lambda: worker.stats.acked >= 10, what="traffic")
+                dom = await dump_dom(browser, f"http://{address[0]}:{address[1]}/", budget_ms=20000)
+            finally:
+                stop.set()
+                await feeding
+            acked = worker.stats.acked
+            release.set()
+            await eventually(lambda: consumer.in_flight == 0, what="the slow handler")
+            return dom, acked
+
+    dom, acked_at_end = asyncio.run(scenario())
+    polls = re.search(r'<body data-polls="(\d+)"', dom)
+    assert polls is not None, dom[:3000]
+    assert int(polls.group(1)) >= 3
+    assert '<span id="state" class="ready">ready</span>' in dom
+    assert f'<span id="broker">{MASKED}</span>' in dom
+    assert UNMASKED not in dom
+    acked = int(_text(dom, "acked"))
+    assert 10 <= acked <= acked_at_end
+    assert int(_text(dom, "delivered")) >= acked
+    assert _text(dom, "dead_lettered") == "1"
+    # The slow handler, and maybe a quick one caught running.
+    assert 1 <= int(_text(dom, "in_flight")) <= 4
+    assert re.fullmatch(r"\d+\.\d", _text(dom, "rate"))
+    queue = re.escape(queue_name)
+    row = re.search(rf'<tr data-queue="{queue}"><td>[^<]*</td><td>[1-4] / 4</td>', dom)
+    assert row is not None, "the queue's row, with its running handler"
+    # The chart: a line through one point per poll after the first.
+    points = re.search(r'<polyline id="chart-line" points="([^"]*)"', dom)
+    assert points is not None
+    coordinates = [p.split(",") for p in points.group(1).split()]
+    assert len(coordinates) >= 2
+    assert all(0 <= float(x) <= 600 and 0 <= float(y) <= 160 for x, y in coordinates)
+    assert any(float(y) < 150 for _, y in coordinates), "some throughput above zero"
+    assert re.search(r'class="age-bar (warn|bad)" style="width: [\d.]+%;"', dom), (
+        "the slow handler's bar, past half of consumer_timeout"
+    )
+
+
+def _text(dom: str, element_id: str) -> str:
+    found = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
+    assert found is not None, f"no #{element_id}"
+    return found.group(1)
