@@ -7,6 +7,7 @@ several brokers, and shutdown finishes the work in flight. Failures are retried 
 per-delay retry queues (no broker plugin) and end in ``<queue>.dlq``, and so do crash loops.
 """
 
+from ._alerts import AlertSettings
 from ._app import App, HandlerSpec
 from ._consumer import Outcome
 from ._dlq import (
@@ -41,6 +42,7 @@ from ._worker import Worker, run, serve
 
 __all__ = [
     "AccessRefusedError",
+    "AlertSettings",
     "App",
     "AuthenticationError",
     "BrokerAddress",

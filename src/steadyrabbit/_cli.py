@@ -152,12 +152,20 @@ _WORKER = (
         "many seconds and then reported once with its count.", metavar="SECONDS",
     ),
     _Option(
-        "alert_reconnect_threshold", click.IntRange(min=1), "Alert when this many reconnects "
-        "happen within the repeat interval.", metavar="N",
+        "alert_reconnect_threshold", click.IntRange(min=1), "Alert when one connection is lost "
+        "this many times within --alert-reconnect-window.", metavar="N",
+    ),
+    _Option(
+        "alert_reconnect_window", _SECONDS, "The time window of --alert-reconnect-threshold.",
+        metavar="SECONDS",
     ),
     _Option(
         "alert_stuck_after", _SECONDS, "Alert when a handler runs longer than this many "
         "seconds.  (half the consumer timeout when unset)", metavar="SECONDS",
+    ),
+    _Option(
+        "alert_body_chars", click.IntRange(min=10), "How much of a message body an alert "
+        "shows.", metavar="N",
     ),
 )
 _WINDOW = (

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
+from ._alerts import AlertSettings
 from ._errors import ConfigurationError
 from ._settings import DEFAULT_URL, Settings
 
@@ -72,7 +73,9 @@ class Config(BaseModel):
     alert_group_wait: _Seconds = Field(30.0, gt=0)
     alert_repeat_interval: _Seconds = Field(900.0, gt=0)
     alert_reconnect_threshold: int = Field(3, ge=1)
+    alert_reconnect_window: _Seconds = Field(300.0, gt=0)
     alert_stuck_after: _Seconds | None = Field(None, gt=0)
+    alert_body_chars: int = Field(200, ge=10)
     # -- doctor
     handler_seconds: _Seconds | None = Field(None, gt=0)
     management_url: str | None = None
@@ -118,6 +121,7 @@ class Config(BaseModel):
                 "it cannot be combined with --processes above 1"
             )
         return Settings(
+            alerts=self.alerts(),
             urls=self.url,
             heartbeat=self.heartbeat,
             connect_timeout=self.connect_timeout,
@@ -126,6 +130,28 @@ class Config(BaseModel):
             state_dir=self.state_dir,
             metrics_port=self.metrics_port,
             metrics_host=self.metrics_host or Settings.metrics_host,
+        )
+
+
+    def alerts(self) -> AlertSettings | None:
+        """The alert settings, or None when no destination is configured (alerts off)."""
+        destinations = (
+            self.alert_smtp_url, self.alert_email_from, self.alert_email_to,
+            self.alert_webhook_url,
+        )  # fmt: skip
+        if not any(destinations):
+            return None
+        return AlertSettings(
+            smtp_url=self.alert_smtp_url,
+            email_from=self.alert_email_from,
+            email_to=self.alert_email_to,
+            webhook_url=self.alert_webhook_url,
+            group_wait=self.alert_group_wait,
+            repeat_interval=self.alert_repeat_interval,
+            reconnect_threshold=self.alert_reconnect_threshold,
+            reconnect_window=self.alert_reconnect_window,
+            stuck_after=self.alert_stuck_after,
+            body_chars=self.alert_body_chars,
         )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from time import monotonic, perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika.exceptions
 import pika.spec
@@ -46,6 +46,9 @@ from ._topology import (
     retry_queue,
 )
 
+if TYPE_CHECKING:
+    from ._alerts import Alerter
+
 log = logging.getLogger("steadyrabbit")
 
 _MAX_REASON = 1000
@@ -77,6 +80,8 @@ class Consumer:
         publisher: Publisher,
         settings: Settings,
         stats: Stats,
+        *,
+        alerter: Alerter | None = None,
     ) -> None:
         self.spec = spec
         self._supervisor = supervisor
@@ -104,8 +109,10 @@ class Consumer:
         self._dead_letter_queue = dead_letter_queue(spec.queue, spec.queue_type)
         self._vhost = settings.addresses[0].vhost
         self._crash_log_instance: CrashLog | None = None
-        # The messages between start and settlement, kept only with metrics on (see observe).
-        self._processing: set[Message] | None = None
+        # The messages between start and settlement, and when each started; kept only with
+        # metrics or alerts on (see observe, track_running).
+        self._processing: dict[Message, float] | None = None
+        self._alerter = alerter
 
     # -- channel lifecycle ------------------------------------------------------------------
 
@@ -274,7 +281,7 @@ class Consumer:
     async def _process(self, message: Message) -> None:
         processing = self._processing
         if processing is not None:
-            processing.add(message)
+            processing[message] = monotonic()
         crash_key: str | None = None
         settled = False
         try:
@@ -311,7 +318,7 @@ class Consumer:
             settled = await self._send_copy(message, outcome, reason, error_type, delay)
         finally:
             if processing is not None:
-                processing.discard(message)
+                processing.pop(message, None)
             # Only a settled message is done with; an unsettled one (its channel died, maybe
             # by the handler's doing) comes back and must find its count.
             if crash_key is not None and settled:
@@ -453,6 +460,8 @@ class Consumer:
         else:
             self._stats.dead_lettered += 1
             log.warning("dead-lettered %r to %r: %s", message, target.name, reason)
+            if self._alerter is not None:
+                self._alerter.dead_lettered(self.spec.queue, error_type, reason, message.body)
         return True
 
     # -- prefetched messages that wait too long ------------------------------------------------
@@ -503,7 +512,7 @@ class Consumer:
 
         Without it a message costs nothing more than one ``is None`` test at its start and end.
         """
-        self._processing = set()
+        self.track_running()
         handler = self._handler
 
         async def timed(message: Message) -> Any:
@@ -514,6 +523,17 @@ class Consumer:
                 on_duration(perf_counter() - started)
 
         self._handler = timed
+
+    def track_running(self) -> None:
+        """Keep the messages being processed and their start times (see :meth:`running`).
+        Call before :meth:`run`; costs a dict update at each start and end of a message."""
+        if self._processing is None:
+            self._processing = {}
+
+    def running(self) -> list[tuple[Message, float]]:
+        """The messages being processed, each with when (``time.monotonic()``) it started;
+        empty unless :meth:`track_running` (or :meth:`observe`) was called."""
+        return list((self._processing or {}).items())
 
     def oldest_unacked(self) -> float | None:
         """When (``time.monotonic()``) the oldest delivery not yet settled on its still open

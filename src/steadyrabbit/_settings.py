@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ._alerts import AlertSettings
 from ._errors import ConfigurationError
-from ._url import BrokerAddress, parse_url
+from ._url import BrokerAddress, mask_url, parse_url
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
@@ -28,6 +29,8 @@ class Settings:
     ``metrics_port``: serve ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz`` over HTTP on
     this port of ``metrics_host`` while the worker runs; 0 picks a free port (logged, and in
     :attr:`Worker.metrics_address`); None (the default) serves nothing and costs nothing.
+    ``alerts``: e-mail and/or webhook alerts on dead letters, repeated reconnects and stuck
+    handlers (see :class:`AlertSettings`); None (the default) runs nothing and costs nothing.
     """
 
     urls: tuple[str, ...] = (DEFAULT_URL,)
@@ -42,7 +45,18 @@ class Settings:
     state_dir: Path | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    alerts: AlertSettings | None = None
     addresses: tuple[BrokerAddress, ...] = field(init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # The generated repr would show the broker URLs with their passwords.
+        shown = ", ".join(
+            f"{item.name}={getattr(self, item.name)!r}"
+            for item in fields(self)
+            if item.repr and item.name != "urls"
+        )
+        urls = tuple(mask_url(url) for url in self.urls)
+        return f"Settings(urls={urls!r}, {shown})"
 
     def __post_init__(self) -> None:
         urls = tuple(self.urls) if not isinstance(self.urls, str) else (self.urls,)

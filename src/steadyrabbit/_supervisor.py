@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from ._amqp import AmqpConnection
 from ._backoff import backoff_delay
@@ -20,6 +21,9 @@ from ._errors import (
 from ._settings import Settings
 from ._stats import Stats
 
+if TYPE_CHECKING:
+    from ._alerts import Alerter
+
 log = logging.getLogger("steadyrabbit")
 
 
@@ -32,8 +36,11 @@ class Supervisor:
     :attr:`Settings.connect_timeout` bounds the attempts; after it, reconnection never gives up.
     """
 
-    def __init__(self, settings: Settings, stats: Stats, *, role: str) -> None:
+    def __init__(
+        self, settings: Settings, stats: Stats, *, role: str, alerter: Alerter | None = None
+    ) -> None:
         self._settings = settings
+        self._alerter = alerter
         self._stats = stats
         self._role = role
         self._current: AmqpConnection | None = None
@@ -142,6 +149,8 @@ class Supervisor:
                 raise reason
             cause = reason.cause if isinstance(reason, ConnectionLostError) else "unknown"
             self._stats.reconnects[cause] += 1
+            if self._alerter is not None:
+                self._alerter.reconnected(self._role, cause, str(reason))
             host += 1
             delay = self._delay(0)
             log.warning("%s; reconnecting in %.1f s", reason, delay)

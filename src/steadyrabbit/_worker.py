@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Iterable
 from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ._alerts import Alerter
 from ._app import App
 from ._consumer import Consumer
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
@@ -49,6 +50,7 @@ class Worker:
         self._publisher: Publisher | None = None
         self._watchdog: LoopLagWatchdog | None = None
         self._metrics: MetricsServer | None = None
+        self._alerter: Alerter | None = None
         self._failed: asyncio.Future[SteadyRabbitError] | None = None
         self._stopping = False
         self._closed = False
@@ -107,17 +109,26 @@ class Worker:
             await metrics.start()  # first: a port in use stops the worker before it connects
             self._metrics = metrics
         self._failed = loop.create_future()
-        consume = Supervisor(settings, self.stats, role="consume")
-        publish = Supervisor(settings, self.stats, role="publish")
+        alerter = None
+        if settings.alerts is not None and settings.alerts.enabled:
+            alerter = self._alerter = Alerter(settings.alerts, settings)
+        consume = Supervisor(settings, self.stats, role="consume", alerter=alerter)
+        publish = Supervisor(settings, self.stats, role="publish", alerter=alerter)
         self._supervisors = [consume, publish]
         self._publisher = Publisher(publish)
         for spec in self.app.handlers:
             if spec.threaded is not None:
                 spec.threaded.open()
-            consumer = Consumer(spec, consume, self._publisher, settings, self.stats)
+            consumer = Consumer(
+                spec, consume, self._publisher, settings, self.stats, alerter=alerter
+            )
             if self._metrics is not None:
                 self._metrics.watch(consumer)
+            if alerter is not None:
+                alerter.watch(consumer)
             self._consumers.append(consumer)
+        if alerter is not None:
+            alerter.start()
         self._spawn(consume.run(), "supervisor[consume]")
         self._spawn(publish.run(), "supervisor[publish]")
         for consumer in self._consumers:
@@ -213,7 +224,11 @@ class Worker:
             self._publisher.close()
         for supervisor in self._supervisors:
             supervisor.close()
-        await _finish(self._tasks, _CLOSE_TIMEOUT)
+        # Pending alerts go out while the connections close; both are bounded.
+        closing = [_finish(self._tasks, _CLOSE_TIMEOUT)]
+        if self._alerter is not None:
+            closing.append(self._alerter.aclose())
+        await asyncio.gather(*closing)
         if self._watchdog is not None:
             self._watchdog.stop()
         for spec in self.app.handlers:

@@ -1,0 +1,710 @@
+"""Alerts: e-mail and/or a webhook on dead letters, repeated reconnects and stuck handlers.
+
+Events are recorded on the event loop for the price of a dict update; one task per worker
+groups them (kind, queue or connection, error type), waits ``group_wait`` so that a burst ends
+up in one notification, then mutes each notified group for ``repeat_interval`` and reports what
+happened meanwhile in one follow-up. A notification names the queue, the error and the start of
+the first message body; broker, SMTP and webhook credentials never appear in it or in the log.
+
+A notification that cannot be delivered is logged in one line and dropped (no retry): the
+groups in it stay muted, so a dead mail server costs one attempt per ``repeat_interval`` and
+group, never a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import smtplib
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import make_msgid
+from time import monotonic, time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from ._errors import ConfigurationError, SteadyRabbitError
+from ._url import mask_url
+
+if TYPE_CHECKING:
+    from ._consumer import Consumer
+    from ._message import Message
+    from ._settings import Settings
+
+log = logging.getLogger("steadyrabbit")
+
+DEAD_LETTERED = "dead_lettered"
+RECONNECTS = "reconnects"
+STUCK = "stuck"
+
+_SMTP_PORTS = {"smtp": 25, "smtps": 465, "smtp+starttls": 587}
+_SEND_TIMEOUT = 10.0
+# On worker stop, pending groups are sent within this many seconds or dropped.
+_CLOSE_TIMEOUT = 5.0
+_MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True)
+class SmtpServer:
+    """An SMTP server parsed from ``AlertSettings.smtp_url``; ``str()`` shows no credentials."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def display(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.display
+
+
+def parse_smtp_url(url: str) -> SmtpServer:
+    """Parse ``smtp://``, ``smtps://`` (implicit TLS) or ``smtp+starttls://`` URLs."""
+    shown = mask_url(url)
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        # urllib's message quotes what it took for the port, which may be the password.
+        raise ConfigurationError(
+            f"malformed alert SMTP URL {shown!r}: the port must be a number from 1 to 65535 "
+            "(percent-encode '/', '#', '?' and '@' in the user name and password)"
+        ) from None
+    if parts.scheme not in _SMTP_PORTS:
+        raise ConfigurationError(
+            f"malformed alert SMTP URL {shown!r}: the scheme must be smtp://, smtps:// "
+            "or smtp+starttls://"
+        )
+    if not parts.hostname:
+        raise ConfigurationError(f"malformed alert SMTP URL {shown!r}: it names no host")
+    if port == 0:
+        raise ConfigurationError(f"malformed alert SMTP URL {shown!r}: port 0 is not a valid port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigurationError(
+            f"malformed alert SMTP URL {shown!r}: it takes no path, query or fragment"
+        )
+    if parts.password is not None and not parts.username:
+        raise ConfigurationError(
+            f"malformed alert SMTP URL {shown!r}: a password needs a user name"
+        )
+    return SmtpServer(
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=port or _SMTP_PORTS[parts.scheme],
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def webhook_display(url: str) -> str:
+    """Scheme, host and port of a webhook URL only: its user info, path and query often hold
+    the secret (Slack and Teams put it in the path)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return "(unparseable URL)"
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
+
+
+def _check_webhook_url(url: str) -> None:
+    shown = webhook_display(url)
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ConfigurationError(
+            f"malformed alert webhook URL {shown!r}: the port must be a number from 1 to 65535"
+        ) from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigurationError(
+            f"malformed alert webhook URL {shown!r}: the scheme must be http:// or https://"
+        )
+    if not parts.hostname:
+        raise ConfigurationError(f"malformed alert webhook URL {shown!r}: it names no host")
+    if port == 0:
+        raise ConfigurationError(
+            f"malformed alert webhook URL {shown!r}: port 0 is not a valid port"
+        )
+
+
+def _is_address(text: str) -> bool:
+    # A line break would let an address inject headers; anything subtler is the server's call.
+    return "@" in text and not any(c.isspace() for c in text)
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Where and how often to alert. Validated on creation; see the module docstring.
+
+    ``smtp_url``: ``smtp://[user:password@]host[:port]`` (port 25), ``smtps://`` (implicit TLS,
+    port 465) or ``smtp+starttls://`` (port 587); e-mail needs ``email_from`` and ``email_to``.
+    ``webhook_url``: an http(s) URL that receives a JSON POST; credentials in its user info
+    (basic auth), path or query are never logged.
+    ``group_wait``: seconds between the first event of a new group and the notification, so
+    that a burst (and every other group starting meanwhile) arrives in one notification.
+    ``repeat_interval``: seconds a notified group stays muted; its events meanwhile are counted
+    and sent in one follow-up when the mute ends.
+    ``reconnect_threshold`` reconnects of one connection within ``reconnect_window`` seconds
+    raise an alert. ``stuck_after``: seconds after which a running handler is reported stuck;
+    None means half of ``Settings.consumer_timeout`` (past it the broker closes the channel).
+    ``body_chars``: how much of the first message body a notification shows.
+    """
+
+    smtp_url: str | None = None
+    email_from: str | None = None
+    email_to: tuple[str, ...] = ()
+    webhook_url: str | None = None
+    group_wait: float = 30.0
+    repeat_interval: float = 900.0
+    reconnect_threshold: int = 3
+    reconnect_window: float = 300.0
+    stuck_after: float | None = None
+    body_chars: int = 200
+    smtp: SmtpServer | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        to = (self.email_to,) if isinstance(self.email_to, str) else tuple(self.email_to)
+        object.__setattr__(self, "email_to", to)
+        smtp = None if self.smtp_url is None else parse_smtp_url(self.smtp_url)
+        object.__setattr__(self, "smtp", smtp)
+        if self.webhook_url is not None:
+            _check_webhook_url(self.webhook_url)
+        e_mail = (self.smtp_url, self.email_from, self.email_to)
+        if any(e_mail) and not all(e_mail):
+            raise ConfigurationError(
+                "alert e-mail needs all of smtp_url, email_from and email_to"
+            )
+        if self.email_from is not None and not _is_address(self.email_from):
+            raise ConfigurationError(
+                f"alert email_from {self.email_from!r} is not an e-mail address"
+            )
+        for address in self.email_to:
+            if not _is_address(address):
+                raise ConfigurationError(f"alert email_to {address!r} is not an e-mail address")
+        if not self.enabled:
+            raise ConfigurationError(
+                "alerts need a destination: smtp_url with email_from and email_to, "
+                "and/or webhook_url"
+            )
+        _require(self.group_wait >= 0, "alert group_wait must be >= 0 seconds")
+        _require(self.repeat_interval > 0, "alert repeat_interval must be > 0 seconds")
+        _require(self.reconnect_threshold >= 1, "alert reconnect_threshold must be >= 1")
+        _require(self.reconnect_window > 0, "alert reconnect_window must be > 0 seconds")
+        _require(
+            self.stuck_after is None or self.stuck_after > 0,
+            "alert stuck_after must be > 0 seconds",
+        )
+        _require(self.body_chars >= 10, "alert body_chars must be >= 10")
+
+    def __repr__(self) -> str:
+        # Settings objects end up in logs and tracebacks: no credentials, no webhook secret.
+        smtp_url = None if self.smtp_url is None else mask_url(self.smtp_url)
+        webhook = None if self.webhook_url is None else webhook_display(self.webhook_url)
+        return (
+            f"AlertSettings(smtp_url={smtp_url!r}, email_from={self.email_from!r}, "
+            f"email_to={self.email_to!r}, webhook_url={webhook!r}, "
+            f"group_wait={self.group_wait!r}, repeat_interval={self.repeat_interval!r}, "
+            f"reconnect_threshold={self.reconnect_threshold!r}, "
+            f"reconnect_window={self.reconnect_window!r}, stuck_after={self.stuck_after!r}, "
+            f"body_chars={self.body_chars!r})"
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when there is somewhere to send alerts to."""
+        return (self.smtp is not None and bool(self.email_to)) or self.webhook_url is not None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(message)
+
+
+# -- grouping and muting: pure logic, on an explicit clock ------------------------------------
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """Something worth an alert. ``error_type`` groups; ``error`` and ``body`` illustrate."""
+
+    kind: str
+    error_type: str
+    error: str
+    queue: str | None = None
+    connection: str | None = None
+    body: bytes | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None, str | None, str]:
+        return (self.kind, self.queue, self.connection, self.error_type)
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """One group as a notification shows it. ``count``: events since the group's previous
+    notification; ``follow_up``: this group was notified before (its mute just ended)."""
+
+    event: AlertEvent  # the first event since the previous notification
+    count: int
+    first_at: float  # time.time()
+    last_at: float
+    follow_up: bool
+
+
+@dataclass
+class _Group:
+    event: AlertEvent
+    count: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    muted_until: float = -math.inf
+    held: bool = False  # events arrived while muted: due when the mute ends
+    notified: bool = False
+
+
+class AlertBook:
+    """Groups events and decides when each group is due. Times are passed in (``now`` on a
+    monotonic clock, ``wall`` for display), so the rules are testable without waiting."""
+
+    def __init__(self, group_wait: float, repeat_interval: float) -> None:
+        self._group_wait = group_wait
+        self._repeat_interval = repeat_interval
+        self._groups: dict[tuple[str, str | None, str | None, str], _Group] = {}
+        self._flush_at: float | None = None  # when the pending new groups are sent
+
+    def add(
+        self,
+        event: AlertEvent,
+        now: float,
+        wall: float,
+        weight: int = 1,
+        since: float | None = None,
+    ) -> None:
+        """Count ``weight`` events at ``now``; ``since`` (wall clock) backdates the first."""
+        group = self._groups.get(event.key)
+        if group is None:
+            group = self._groups[event.key] = _Group(event)
+        if group.count == 0:
+            group.event = event
+            group.first_at = wall if since is None else since
+            if group.muted_until > now:
+                group.held = True
+            else:
+                group.notified = False  # silent through its whole mute: new again
+                if self._flush_at is None:
+                    self._flush_at = now + self._group_wait
+        group.count += weight
+        group.last_at = wall
+
+    def next_due(self) -> float:
+        """When :meth:`take_due` will next return something (``math.inf``: nothing pending)."""
+        due = math.inf if self._flush_at is None else self._flush_at
+        for group in self._groups.values():
+            if group.held and group.muted_until < due:
+                due = group.muted_until
+        return due
+
+    def take_due(self, now: float) -> list[GroupReport]:
+        """The groups due at ``now``, which are then muted for ``repeat_interval``."""
+        flushing = self._flush_at is not None and self._flush_at <= now
+        if flushing:
+            self._flush_at = None
+        reports: list[GroupReport] = []
+        for key, group in list(self._groups.items()):
+            if group.muted_until > now:
+                continue
+            if group.count == 0:
+                del self._groups[key]  # silent through its whole mute: forget it
+            elif group.held or flushing:
+                reports.append(self._take(group, now))
+        return reports
+
+    def take_all(self, now: float) -> list[GroupReport]:
+        """Every group with events not yet notified, muted or not (the worker is stopping)."""
+        self._flush_at = None
+        return [self._take(g, now) for g in self._groups.values() if g.count > 0]
+
+    def _take(self, group: _Group, now: float) -> GroupReport:
+        report = GroupReport(
+            group.event, group.count, group.first_at, group.last_at, follow_up=group.notified
+        )
+        group.count = 0
+        group.held = False
+        group.notified = True
+        group.muted_until = now + self._repeat_interval
+        return report
+
+
+class ReconnectCounter:
+    """Reconnects of one connection within a sliding window."""
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._times: deque[float] = deque()
+
+    def add(self, now: float) -> int:
+        """Record a reconnect at ``now``; return how many happened within the window."""
+        self._times.append(now)
+        while self._times[0] <= now - self._window:
+            self._times.popleft()
+        return len(self._times)
+
+    @property
+    def oldest(self) -> float:
+        """The earliest reconnect still within the window (same clock as :meth:`add`)."""
+        return self._times[0]
+
+
+# -- the alerter: one task per worker -----------------------------------------------------------
+
+
+class Alerter:
+    """Records events on the event loop and sends the notifications from one task.
+
+    :meth:`start` and :meth:`aclose` belong to the worker; ``record``, ``dead_lettered`` and
+    ``reconnected`` are cheap, synchronous and never raise into their caller.
+    """
+
+    def __init__(
+        self,
+        alerts: AlertSettings,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        self.alerts = alerts
+        self._settings = settings
+        self._clock = clock
+        self._book = AlertBook(alerts.group_wait, alerts.repeat_interval)
+        self._reconnects: dict[str, ReconnectCounter] = {}
+        self._stuck_after = (
+            alerts.stuck_after
+            if alerts.stuck_after is not None
+            else settings.consumer_timeout / 2
+        )
+        self._consumers: list[Consumer] = []
+        self._stuck_reported: set[Message] = set()
+        self._next_stuck_check = math.inf
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._host = socket.gethostname()
+        self._secrets = _secrets_of(alerts)
+        self.sent = 0  # notifications delivered to at least one destination
+        self.failed = 0  # delivery attempts that failed (per destination)
+
+    # -- events (on the event loop) ----------------------------------------------------------
+
+    def record(self, event: AlertEvent, weight: int = 1, since: float | None = None) -> None:
+        try:
+            self._book.add(event, self._clock(), time(), weight, since)
+            self._wake.set()
+        except Exception:
+            # An alerting bug must never fail the message or the reconnect that reported it.
+            log.exception("could not record an alert")
+
+    def dead_lettered(
+        self, queue: str, error_type: str, reason: str, body: bytes
+    ) -> None:
+        self.record(AlertEvent(DEAD_LETTERED, error_type, reason, queue=queue, body=body))
+
+    def reconnected(self, role: str, cause: str, reason: str) -> None:
+        counter = self._reconnects.get(role)
+        if counter is None:
+            counter = self._reconnects[role] = ReconnectCounter(self.alerts.reconnect_window)
+        now = self._clock()
+        recent = counter.add(now)
+        threshold = self.alerts.reconnect_threshold
+        if recent == threshold:
+            # The event that crosses the threshold stands for every reconnect that led to it.
+            self.record(
+                AlertEvent(RECONNECTS, cause, reason, connection=role),
+                weight=threshold,
+                since=time() - (now - counter.oldest),
+            )
+        elif recent > threshold:
+            self.record(AlertEvent(RECONNECTS, cause, reason, connection=role))
+
+    def watch(self, consumer: Consumer) -> None:
+        """Report this consumer's handlers that run longer than ``stuck_after``."""
+        consumer.track_running()
+        self._consumers.append(consumer)
+        self._next_stuck_check = self._clock() + self._stuck_after
+
+    # -- the task ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="alerter")
+        self._task.add_done_callback(_log_crash)
+
+    async def aclose(self) -> None:
+        """Send what is pending (within a few seconds), then stop the task."""
+        task = self._task
+        if task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        _, late = await asyncio.wait({task}, timeout=_CLOSE_TIMEOUT)
+        if late:
+            log.warning("gave up sending pending alerts after %g s", _CLOSE_TIMEOUT)
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _run(self) -> None:
+        while not self._closing:
+            self._wake.clear()
+            now = self._clock()
+            if now >= self._next_stuck_check:
+                self._check_stuck(now)
+            reports = self._book.take_due(now)
+            if reports:
+                await self._deliver(reports)
+                continue
+            due = min(self._book.next_due(), self._next_stuck_check)
+            timeout = None if due == math.inf else max(0.0, due - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        reports = self._book.take_all(self._clock())
+        if reports:
+            await self._deliver(reports)
+
+    def _check_stuck(self, now: float) -> None:
+        """Record every handler that crossed ``stuck_after`` since the last check, and plan
+        the next check for the earliest moment another one could."""
+        limit = self._stuck_after
+        next_check = now + limit
+        running: set[Message] = set()
+        for consumer in self._consumers:
+            for message, started in consumer.running():
+                running.add(message)
+                if message in self._stuck_reported:
+                    continue
+                if started + limit <= now:
+                    self._stuck_reported.add(message)
+                    spec = consumer.spec
+                    self.record(
+                        AlertEvent(
+                            STUCK,
+                            spec.name,
+                            f"handler {spec.name} has been running for {now - started:.0f} s "
+                            f"(stuck_after {limit:g} s; at consumer_timeout "
+                            f"{self._settings.consumer_timeout:g} s the broker closes "
+                            "its channel)",
+                            queue=spec.queue,
+                            body=message.body,
+                        )
+                    )
+                else:
+                    next_check = min(next_check, started + limit)
+        self._stuck_reported &= running
+        self._next_stuck_check = next_check
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def _deliver(self, reports: list[GroupReport]) -> None:
+        payload = self._payload(reports)
+        sends: list[tuple[str, Any]] = []
+        alerts = self.alerts
+        if alerts.smtp is not None and alerts.email_from is not None:
+            sends.append((f"e-mail via {alerts.smtp}", self._send_email(payload)))
+        if alerts.webhook_url is not None:
+            sends.append((f"webhook {webhook_display(alerts.webhook_url)}", self._post(payload)))
+        # Every exception is caught per destination (return_exceptions): whatever breaks one
+        # delivery (a refused login, a TLS error, a bug in a proxy) must neither stop the
+        # other nor reach the worker.
+        results = await asyncio.gather(*(coro for _, coro in sends), return_exceptions=True)
+        delivered = False
+        for (destination, _), result in zip(sends, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                self.failed += 1
+                log.error(
+                    "alert %s failed (%d group(s) dropped): %s",
+                    destination,
+                    len(reports),
+                    self._scrub(f"{type(result).__name__}: {result}"),
+                )
+            else:
+                delivered = True
+        if delivered:
+            self.sent += 1
+
+    def _payload(self, reports: list[GroupReport]) -> dict[str, Any]:
+        worker = {"name": self._settings.name, "host": self._host, "pid": os.getpid()}
+        groups = [self._describe(report) for report in reports]
+        return {
+            "source": "steadyrabbit",
+            "worker": worker,
+            "sent_at": _iso(time()),
+            "groups": groups,
+            "text": self._summary(groups),
+        }
+
+    def _describe(self, report: GroupReport) -> dict[str, Any]:
+        from ._dlq import body_preview  # _dlq imports _settings, which imports this module
+
+        event = report.event
+        error = self._scrub(event.error)
+        if len(error) > _MAX_ERROR_CHARS:
+            error = error[: _MAX_ERROR_CHARS - 3] + "..."
+        return {
+            "kind": event.kind,
+            "queue": event.queue,
+            "connection": event.connection,
+            "error_type": event.error_type,
+            "error": error,
+            "count": report.count,
+            "first_at": _iso(report.first_at),
+            "last_at": _iso(report.last_at),
+            "follow_up": report.follow_up,
+            "body_preview": (
+                None
+                if event.body is None
+                else self._scrub(body_preview(event.body, self.alerts.body_chars))
+            ),
+        }
+
+    def _summary(self, groups: Iterable[dict[str, Any]]) -> str:
+        lines = []
+        for group in groups:
+            where = (
+                f"queue {group['queue']!r}"
+                if group["queue"] is not None
+                else f"{group['connection']} connection"
+            )
+            again = " more" if group["follow_up"] else ""
+            what = {
+                DEAD_LETTERED: "message(s) dead-lettered",
+                RECONNECTS: "reconnect(s)",
+                STUCK: "stuck handler(s)",
+            }.get(group["kind"], group["kind"])
+            lines.append(f"{group['count']}{again} {what} on {where}: {group['error']}")
+        return "\n".join(lines)
+
+    def _subject(self, payload: dict[str, Any]) -> str:
+        groups = payload["groups"]
+        kinds = sorted({g["kind"] for g in groups})
+        worker = payload["worker"]
+        return (
+            f"[steadyrabbit] {', '.join(kinds)} on {worker['name']}@{worker['host']}"
+            f" ({len(groups)} group(s))"
+        )
+
+    async def _send_email(self, payload: dict[str, Any]) -> None:
+        alerts = self.alerts
+        message = EmailMessage()
+        message["Subject"] = self._subject(payload)
+        message["From"] = alerts.email_from
+        message["To"] = ", ".join(alerts.email_to)
+        message["Message-ID"] = make_msgid(domain=self._host or None)
+        message.set_content(_email_text(payload))
+        await asyncio.to_thread(self._send_email_blocking, message)
+
+    def _send_email_blocking(self, message: EmailMessage) -> None:
+        server = self.alerts.smtp
+        assert server is not None
+        client: smtplib.SMTP
+        if server.scheme == "smtps":
+            context = ssl.create_default_context()
+            client = smtplib.SMTP_SSL(
+                server.host, server.port, timeout=_SEND_TIMEOUT, context=context
+            )
+        else:
+            client = smtplib.SMTP(server.host, server.port, timeout=_SEND_TIMEOUT)
+        with client:
+            if server.scheme == "smtp+starttls":
+                client.starttls(context=ssl.create_default_context())
+            if server.username is not None:
+                client.login(server.username, server.password or "")
+            client.send_message(message)
+
+    async def _post(self, payload: dict[str, Any]) -> None:
+        import httpx  # only workers that alert by webhook pay for the import
+
+        url = self.alerts.webhook_url
+        assert url is not None
+        async with httpx.AsyncClient(timeout=_SEND_TIMEOUT) as client:
+            response = await client.post(url, json=payload)
+        if not response.is_success:
+            # Not raise_for_status(): its message quotes the URL, secret and all.
+            raise WebhookRefused(f"answered {response.status_code} {response.reason_phrase}")
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "****")
+        return mask_url(text)
+
+
+class WebhookRefused(SteadyRabbitError):
+    """The webhook answered with a non-2xx status (internal: logged, never raised out)."""
+
+
+def _secrets_of(alerts: AlertSettings) -> tuple[str, ...]:
+    """Whatever of the alert settings must never appear in a notification or a log line."""
+    secrets: list[str] = []
+    if alerts.smtp is not None and alerts.smtp.password:
+        secrets.append(alerts.smtp.password)
+    if alerts.webhook_url is not None:
+        parts = urlsplit(alerts.webhook_url.strip())
+        secrets.append(alerts.webhook_url.strip())
+        if parts.password:
+            secrets.extend({parts.password, unquote(parts.password)})
+        if parts.query:
+            secrets.append(parts.query)
+        if parts.path not in ("", "/"):
+            secrets.append(parts.path)
+    # Longest first, so that a secret containing another is replaced whole.
+    return tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+
+
+def _email_text(payload: dict[str, Any]) -> str:
+    worker = payload["worker"]
+    lines = [
+        f"steadyrabbit worker {worker['name']} on {worker['host']} (pid {worker['pid']})",
+        "",
+    ]
+    for group in payload["groups"]:
+        where = (
+            f"queue {group['queue']}"
+            if group["queue"] is not None
+            else f"{group['connection']} connection"
+        )
+        follow_up = " (more since the previous alert)" if group["follow_up"] else ""
+        lines += [
+            f"{group['kind']} on {where}{follow_up}",
+            f"  count:  {group['count']}",
+            f"  type:   {group['error_type']}",
+            f"  error:  {group['error']}",
+            f"  first:  {group['first_at']}",
+            f"  last:   {group['last_at']}",
+        ]
+        if group["body_preview"] is not None:
+            lines.append(f"  body:   {group['body_preview']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the alerter stopped; no more alerts", exc_info=task.exception())
