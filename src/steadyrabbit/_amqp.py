@@ -411,6 +411,13 @@ class AmqpChannel:
         frame = await self._rpc(lambda cb: self.raw.queue_purge(queue=queue, callback=cb))
         return int(frame.method.message_count)
 
+    async def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` with whatever it holds (workers never do; tools and the demo do)."""
+        await self._rpc(lambda cb: self.raw.queue_delete(queue=queue, callback=cb))
+
+    async def delete_exchange(self, exchange: str) -> None:
+        await self._rpc(lambda cb: self.raw.exchange_delete(exchange=exchange, callback=cb))
+
     def ack(self, delivery_tag: int) -> None:
         """Ack a delivery at the end of this event-loop turn, coalesced with its neighbours.
 

@@ -20,6 +20,7 @@ import click
 
 from ._app import App
 from ._config import CONFIG_ENV, ENV_PREFIX, Config, env_name, flag, load_config
+from ._demo import demo_command
 from ._dlq import (
     DeadLetterReport,
     ReplayResult,
@@ -674,6 +675,62 @@ def doctor_command(queues: tuple[str, ...], as_json: bool, config: Config) -> No
         click.echo(format_report(report, unicode=unicode))
     if report.critical:
         sys.exit(EXIT_FAILURE)
+
+
+# -- demo: the quick start ----------------------------------------------------------------------
+
+
+@cli.command("demo")
+@click.option(
+    "--messages",
+    type=click.IntRange(1, 1_000_000),
+    default=60,
+    show_default=True,
+    help="Messages in the backlog (from 5 on, two of them poison).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=2,
+    show_default=True,
+    help="Requests the relay keeps in flight.",
+)
+@click.option(
+    "--live/--no-live",
+    default=True,
+    show_default=True,
+    help="Show the worker's live view (on a terminal; piped: a status line every 5 s).",
+)
+@click.option(
+    "--keep", is_flag=True, help="Leave the demo's queues on the broker (see `dlq list`)."
+)
+@click.option(
+    "--seed", type=int, default=42, show_default=True, help="Seed of the service's answers."
+)
+@_configured(_BROKER)
+def demo_cmd(
+    messages: int, concurrency: int, live: bool, keep: bool, seed: int, config: Config
+) -> None:
+    """Relay a backlog to a slow, flaky local web service, reset the connection part-way, and
+    account for every message.
+
+    Against the broker of --url (the local one by default): publishes a backlog to the
+    steadyrabbit-demo exchange, relays it with retries and a dead-letter queue while showing
+    the live view, cuts the worker's connection a third of the way through, and ends with a
+    summary: delivered, retried, dead-lettered, reconnects survived, lost. Exit status 0 when
+    every message is accounted for. Its own queues (steadyrabbit-demo.*) are deleted before
+    and after the run.
+    """
+    sys.exit(
+        demo_command(
+            config.settings(),
+            messages=messages,
+            concurrency=concurrency,
+            live=live,
+            keep=keep,
+            seed=seed,
+        )
+    )
 
 
 # -- top: watch a running worker ---------------------------------------------------------------
