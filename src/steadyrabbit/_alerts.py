@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ._errors import ConfigurationError, SteadyRabbitError
-from ._url import mask_url
+from ._url import mask_url, split_url
 
 if TYPE_CHECKING:
     from ._consumer import Consumer
@@ -74,24 +74,8 @@ class SmtpServer:
 def parse_smtp_url(url: str) -> SmtpServer:
     """Parse ``smtp://``, ``smtps://`` (implicit TLS) or ``smtp+starttls://`` URLs."""
     shown = mask_url(url)
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        # urllib's message quotes what it took for the port, which may be the password.
-        raise ConfigurationError(
-            f"malformed alert SMTP URL {shown!r}: the port must be a number from 1 to 65535 "
-            "(percent-encode '/', '#', '?' and '@' in the user name and password)"
-        ) from None
-    if parts.scheme not in _SMTP_PORTS:
-        raise ConfigurationError(
-            f"malformed alert SMTP URL {shown!r}: the scheme must be smtp://, smtps:// "
-            "or smtp+starttls://"
-        )
-    if not parts.hostname:
-        raise ConfigurationError(f"malformed alert SMTP URL {shown!r}: it names no host")
-    if port == 0:
-        raise ConfigurationError(f"malformed alert SMTP URL {shown!r}: port 0 is not a valid port")
+    parts, port = split_url(url, "alert SMTP URL", _SMTP_PORTS, shown)
+    assert parts.hostname is not None  # checked by split_url
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigurationError(
             f"malformed alert SMTP URL {shown!r}: it takes no path, query or fragment"
@@ -123,24 +107,7 @@ def webhook_display(url: str) -> str:
 
 
 def _check_webhook_url(url: str) -> None:
-    shown = webhook_display(url)
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        raise ConfigurationError(
-            f"malformed alert webhook URL {shown!r}: the port must be a number from 1 to 65535"
-        ) from None
-    if parts.scheme not in ("http", "https"):
-        raise ConfigurationError(
-            f"malformed alert webhook URL {shown!r}: the scheme must be http:// or https://"
-        )
-    if not parts.hostname:
-        raise ConfigurationError(f"malformed alert webhook URL {shown!r}: it names no host")
-    if port == 0:
-        raise ConfigurationError(
-            f"malformed alert webhook URL {shown!r}: port 0 is not a valid port"
-        )
+    split_url(url, "alert webhook URL", ("http", "https"), webhook_display(url))
 
 
 def _is_address(text: str) -> bool:

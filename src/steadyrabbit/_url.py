@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from ._errors import ConfigurationError
 
@@ -40,26 +41,36 @@ class BrokerAddress:
         return self.display
 
 
-def parse_url(url: str) -> BrokerAddress:
-    """Parse an AMQP URL, raising :class:`ConfigurationError` with one readable sentence."""
-    shown = mask_url(url)
+def split_url(
+    url: str, what: str, schemes: Collection[str], shown: str
+) -> tuple[SplitResult, int | None]:
+    """``urlsplit`` with the checks every URL here needs: a valid port, one of ``schemes``, a
+    host. Each failure is one sentence naming ``what`` ("broker URL") and ``shown``, the URL as
+    it may be shown (masked); urllib's own messages could quote the password."""
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError:
-        # urllib's own message quotes what it took for the port, which may be the password.
         raise ConfigurationError(
-            f"malformed broker URL {shown!r}: the port must be a number from 1 to 65535 "
+            f"malformed {what} {shown!r}: the port must be a number from 1 to 65535 "
             "(percent-encode '/', '#', '?' and '@' in the user name and password)"
         ) from None
-    if parts.scheme not in _DEFAULT_PORTS:
-        raise ConfigurationError(
-            f"malformed broker URL {shown!r}: the scheme must be amqp:// or amqps://"
-        )
+    if parts.scheme not in schemes:
+        *others, last = (f"{scheme}://" for scheme in schemes)
+        choices = f"{', '.join(others)} or {last}" if others else last
+        raise ConfigurationError(f"malformed {what} {shown!r}: the scheme must be {choices}")
     if not parts.hostname:
-        raise ConfigurationError(f"malformed broker URL {shown!r}: it names no host")
+        raise ConfigurationError(f"malformed {what} {shown!r}: it names no host")
     if port == 0:
-        raise ConfigurationError(f"malformed broker URL {shown!r}: port 0 is not a valid port")
+        raise ConfigurationError(f"malformed {what} {shown!r}: port 0 is not a valid port")
+    return parts, port
+
+
+def parse_url(url: str) -> BrokerAddress:
+    """Parse an AMQP URL, raising :class:`ConfigurationError` with one readable sentence."""
+    shown = mask_url(url)
+    parts, port = split_url(url, "broker URL", _DEFAULT_PORTS, shown)
+    assert parts.hostname is not None  # checked by split_url
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     vhost = unquote(path) if path else "/"
     heartbeat: int | None = None
