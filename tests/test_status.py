@@ -92,11 +92,45 @@ def test_status_json_follows_real_traffic(queue_name: str, admin: Admin) -> None
     assert consumer["ready"] is True
     assert (consumer["concurrency"], consumer["prefetch"]) == (3, 3)
     assert consumer["handled"] == 7, "every handler call, the failing ones too"
-    # One consumer: the worker's counters are its own.
     assert (consumer["delivered"], consumer["acked"]) == (7, 7)
     assert (consumer["retried"], consumer["dead_lettered"]) == (1, 1)
     assert consumer["in_flight_ages_seconds"] == []
     assert consumer["oldest_unacked_age_seconds"] == 0
+
+
+def test_each_consumer_has_its_own_counts(queue_name: str, admin: Admin) -> None:
+    other = f"{queue_name}-other"
+    admin.declare(queue_name)
+    admin.declare(other)
+    admin.publish(queue_name, [b"ok"] * 3)
+    admin.publish(other, [b"ok", b"reject"])
+    app = App()
+
+    @app.consumer(queue_name)
+    async def first(message: Message) -> None:
+        pass
+
+    @app.consumer(other)
+    async def second(message: Message) -> None:
+        if message.body == b"reject":
+            raise Reject("no good")
+
+    async def scenario() -> dict[str, Any]:
+        async with Worker(app, settings()) as worker:
+            await eventually(lambda: worker.stats.acked == 5, what="5 acks")
+            return await status(worker)
+
+    try:
+        document = asyncio.run(scenario())
+    finally:
+        admin.delete(other, f"{other}.dlq")
+    counts = {
+        c["queue"]: (c["delivered"], c["acked"], c["retried"], c["dead_lettered"])
+        for c in document["consumers"]
+    }
+    assert counts == {queue_name: (3, 3, 0, 0), other: (2, 2, 0, 1)}
+    totals = document["totals"]
+    assert (totals["delivered"], totals["acked"], totals["dead_lettered"]) == (5, 5, 1)
 
 
 def test_in_flight_ages_of_slow_handlers_oldest_first(queue_name: str, admin: Admin) -> None:

@@ -35,7 +35,7 @@ from ._errors import (
 from ._message import Message, persistent_copy
 from ._publisher import Publisher
 from ._settings import Settings
-from ._stats import Stats
+from ._stats import QueueCounts, Stats
 from ._supervisor import Supervisor
 from ._topology import (
     bind_queue,
@@ -88,6 +88,8 @@ class Consumer:
         self._publisher = publisher
         self._settings = settings
         self._stats = stats
+        #: This queue's share of ``stats`` (the worker's totals), for the status page.
+        self.counts = QueueCounts()
         self._handler = spec.handler
         self._decode = spec.decode
         self._concurrency = spec.concurrency
@@ -262,6 +264,7 @@ class Consumer:
         channel.unsettled.append(method.delivery_tag)  # type: ignore[arg-type]
         message = Message(channel, method, properties, body, self._queue)
         self._stats.delivered += 1
+        self.counts.delivered += 1
         if self._refusing:
             self._requeue(message)
             self._stats.requeued_unstarted += 1
@@ -367,6 +370,7 @@ class Consumer:
                 if ack:
                     channel.ack(message.delivery_tag)
                     self._stats.acked += 1
+                    self.counts.acked += 1
                 else:
                     channel.nack(message.delivery_tag, requeue=requeue)
             except (pika.exceptions.AMQPError, ConnectionLostError):
@@ -455,10 +459,12 @@ class Consumer:
             return False
         if outcome is Outcome.RETRY:
             self._stats.retried += 1
+            self.counts.retried += 1
             log.info("retrying %r via %r (attempt %d failed: %s)", message, target.name,
                      attempts, reason)
         else:
             self._stats.dead_lettered += 1
+            self.counts.dead_lettered += 1
             log.warning("dead-lettered %r to %r: %s", message, target.name, reason)
             if self._alerter is not None:
                 self._alerter.dead_lettered(self.spec.queue, error_type, reason, message.body)

@@ -27,3 +27,13 @@ class Stats:
     @property
     def reconnect_count(self) -> int:
         return sum(self.reconnects.values())
+
+
+@dataclass(slots=True)
+class QueueCounts:
+    """One consumer's share of the :class:`Stats` counters that differ between queues."""
+
+    delivered: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead_lettered: int = 0

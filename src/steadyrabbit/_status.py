@@ -84,7 +84,6 @@ def build_status(
     consume = connections.get("consume")
     watchdog = worker.watchdog
     consumers = worker.consumers
-    single = len(consumers) == 1
     return {
         "format": FORMAT,
         "kind": "steadyrabbit.status",
@@ -125,26 +124,26 @@ def build_status(
             for cause in sorted({*RECONNECT_CAUSES, *stats.reconnects})
         },
         "consumers": [
-            _consumer(c, durations.get(c.spec.queue), worker if single else None, now)
-            for c in consumers
+            _consumer(c, durations.get(c.spec.queue), now) for c in consumers
         ],
     }
 
 
-def _consumer(
-    consumer: Consumer, recorded: Durations | None, alone_in: Worker | None, now: float
-) -> dict[str, Any]:
+def _consumer(consumer: Consumer, recorded: Durations | None, now: float) -> dict[str, Any]:
     spec = consumer.spec
-    # The messages whose handler runs: the set Consumer.observe keeps for the metrics (read,
-    # never changed, on the loop's thread). A message whose channel closed is still being
-    # handled, but the broker has requeued it already: its ack will be dropped, so its age no
-    # longer counts against consumer_timeout.
-    processing = consumer._processing or ()
+    # The messages whose handler runs (kept while metrics are on). A message whose channel
+    # closed is still being handled, but the broker has requeued it already: its ack will be
+    # dropped, so its age no longer counts against consumer_timeout.
     ages = sorted(
-        (now - m.received_at for m in processing if not m._channel.closed.done()), reverse=True
+        (
+            now - message.received_at
+            for message, _started in consumer.running()
+            if not message._channel.closed.done()
+        ),
+        reverse=True,
     )
     since = consumer.oldest_unacked()
-    stats = alone_in.stats if alone_in is not None else None
+    counts = consumer.counts
     return {
         "queue": spec.queue,
         "handler": spec.name,
@@ -155,10 +154,10 @@ def _consumer(
         "waiting": consumer.waiting,
         "handled": 0 if recorded is None else sum(recorded.counts),
         "handler_seconds_total": 0.0 if recorded is None else round(recorded.total, 6),
-        "delivered": None if stats is None else stats.delivered,
-        "acked": None if stats is None else stats.acked,
-        "retried": None if stats is None else stats.retried,
-        "dead_lettered": None if stats is None else stats.dead_lettered,
+        "delivered": counts.delivered,
+        "acked": counts.acked,
+        "retried": counts.retried,
+        "dead_lettered": counts.dead_lettered,
         "oldest_unacked_age_seconds": 0.0 if since is None else round(max(0.0, now - since), 3),
         "in_flight_ages_seconds": [round(age, 3) for age in ages[:MAX_AGES]],
         "in_flight_ages_omitted": max(0, len(ages) - MAX_AGES),
