@@ -49,6 +49,7 @@ def document(
         "loop_lag_max_seconds": 0.004,
         "totals": {
             "delivered": acked + len(ages),
+            "succeeded": acked - 3,
             "acked": acked,
             "retried": 2,
             "dead_lettered": 1,
@@ -84,22 +85,22 @@ def test_throughput_comes_from_counter_deltas() -> None:
     previous = document(acked=100, uptime=10.0)
     current = document(acked=150, uptime=12.0)
     screen = render(previous, current, 2.0, 120)
-    assert "throughput  25.0 msg/s acked" in screen
+    assert "throughput  25.0 msg/s succeeded" in screen
     assert "(last 2.0s)" in screen
     assert "dead-lettered 0.0/s" in screen  # unchanged counters: no rate
     [row] = [line for line in screen.splitlines() if line.startswith("orders")]
     assert row.split()[1:5] == ["0/4", "0", "150", "25.0"]
     assert "READY" in screen
-    assert "totals      delivered 150  acked 150  retried 2  dead-lettered 1" in screen
+    assert "totals      delivered 150  succeeded 147  retried 2  dead-lettered 1" in screen
 
 
 def test_without_a_previous_sample_or_after_a_restart_rates_are_averages_since_start() -> None:
     current = document(acked=50, uptime=10.0)
-    assert "throughput  5.0 msg/s acked" in render(None, current, 0.0, 120)
+    assert "throughput  4.7 msg/s succeeded" in render(None, current, 0.0, 120)
     assert "avg since start" in render(None, current, 0.0, 120)
     restarted = document(acked=500, uptime=100.0, pid=1)
     screen = render(restarted, current, 1.0, 120)
-    assert "throughput  5.0 msg/s acked" in screen, "counters reset: no negative rate"
+    assert "throughput  4.7 msg/s succeeded" in screen, "counters reset: no negative rate"
     assert "avg since start" in screen
 
 
@@ -283,12 +284,12 @@ def test_watch_a_live_worker(queue_name: str, admin: Admin) -> None:
         assert "READY" in frame
         assert "amqp://guest:****@127.0.0.1:5672/%2F" in frame
         assert "guest:guest@" not in frame
-        assert re.search(r"totals      delivered 21  acked 20 ", frame)
+        assert re.search(r"totals      delivered 21  succeeded 20 ", frame)
         assert re.search(r"\s+\d+\.\ds \[#*\.+\]\s+\d+% of 1m00s", frame), "the running one"
-    average = re.search(r"throughput  (\d+\.\d) msg/s acked \(avg since start\)", frames[0])
+    average = re.search(r"throughput  (\d+\.\d) msg/s succeeded \(avg since start\)", frames[0])
     assert average is not None, frames[0]
     assert float(average.group(1)) > 0, "20 acks since the start"
-    assert re.search(r"throughput  0\.0 msg/s acked .*\(last 0\.\ds\)", frames[1]), frames[1]
+    assert re.search(r"throughput  0\.0 msg/s succeeded .*\(last 0\.\ds\)", frames[1]), frames[1]
     assert terminal.startswith("\x1b[H\x1b[2J")
     assert "\x1b[32mREADY" in terminal
 
@@ -318,4 +319,4 @@ def test_the_top_command_prints_one_frame_of_a_live_worker(queue_name: str, admi
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("steadyrabbit  pid "), done.stdout
     assert queue_name[:30] in done.stdout
-    assert re.search(r"totals      delivered 3  acked 3 ", done.stdout), done.stdout
+    assert re.search(r"totals      delivered 3  succeeded 3 ", done.stdout), done.stdout

@@ -201,12 +201,13 @@ def render(
         return _rate(totals.get(key), None if before is None else before.get(key), elapsed)
 
     lines.append(
-        paint(f"throughput  {rate('acked')} msg/s acked", _BOLD)
+        paint(f"throughput  {rate('succeeded')} msg/s succeeded", _BOLD)
         + f" ({rate_note})  delivered {rate('delivered')}/s  retried {rate('retried')}/s"
         f"  dead-lettered {rate('dead_lettered')}/s"
     )
     lines.append(
-        f"totals      delivered {totals.get('delivered', 0)}  acked {totals.get('acked', 0)}"
+        f"totals      delivered {totals.get('delivered', 0)}"
+        f"  succeeded {totals.get('succeeded', 0)}"
         f"  retried {totals.get('retried', 0)}  dead-lettered {totals.get('dead_lettered', 0)}"
         f"  errors {totals.get('handler_errors', 0)}"
         f"  stale acks {totals.get('stale_acks_dropped', 0)}"
