@@ -453,11 +453,6 @@ def steadyrabbit(*args: str) -> subprocess.CompletedProcess[str]:
         pytest.param(
             ["--metrics-host", "0.0.0.0"], "--metrics-host needs --metrics-port", id="host"
         ),
-        pytest.param(
-            ["--processes", "2", "--metrics-port", "9100"],
-            "cannot be combined with --processes above 1",
-            id="processes",
-        ),
     ],
 )
 @pytest.mark.parametrize("command", ["relay", "run"])

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pika.exceptions
 import pytest
 
@@ -307,6 +309,68 @@ async def test_relay_with_two_workers(
     status, _ = await supervisor.wait(15)
     assert status == EXIT_OK, supervisor.log()
     assert not any(alive(pid) for pid in workers)
+
+
+def free_port_pair() -> int:
+    """A port P with P + 1 free too (both bound at once, then released)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def test_each_worker_serves_metrics_on_its_own_port(
+    admin: Admin, queue_name: str, tmp_path: Path, supervisors: list[Supervisor]
+) -> None:
+    admin.declare(queue_name)
+    port = free_port_pair()
+    supervisor = start_cli(
+        supervisors,
+        tmp_path,
+        *("relay", queue_name, "http://127.0.0.1:1/", "--processes", "2", "--url", MAIN_URL),
+        STEADYRABBIT_METRICS_PORT=str(port),  # from the environment, as the workers inherit it
+    )
+    workers = await two_workers_consuming(supervisor, admin, queue_name)
+
+    def status(at: int) -> dict[str, Any] | None:
+        try:
+            response = httpx.get(f"http://127.0.0.1:{at}/status.json", timeout=5)
+        except httpx.TransportError:
+            return None
+        document: dict[str, Any] = response.json()
+        return document if document["ready"] else None
+
+    documents: dict[int, dict[str, Any]] = {}
+
+    def both_ready() -> bool:
+        for at in (port, port + 1):
+            found = status(at)
+            if found is not None:
+                documents[at] = found
+        return len(documents) == 2
+
+    await eventually(lambda: asyncio.to_thread(both_ready), within=30, what="2 endpoints")
+    assert {document["worker"]["pid"] for document in documents.values()} == workers
+    supervisor.signal(signal.SIGTERM)
+    status_code, _ = await supervisor.wait(15)
+    assert status_code == EXIT_OK, supervisor.log()
+
+
+def test_metrics_ports_past_65535_are_refused() -> None:
+    result = steadyrabbit(
+        "relay", "q", "http://127.0.0.1:1/", "--processes", "3", "--metrics-port", "65534"
+    )
+    message = assert_error(result, EXIT_USAGE)
+    assert message == "--metrics-port 65534 with --processes 3 needs ports up to 65536, past 65535"
 
 
 async def test_a_killed_worker_is_restarted_and_its_message_redelivered(

@@ -125,7 +125,7 @@ _WORKER = (
     _Option(
         "metrics_port", click.IntRange(0, 65535), "Serve Prometheus /metrics, /healthz, "
         "/readyz, /status.json and a status page (/) over HTTP on this port (0: a free port, "
-        "logged).  Off when unset.", metavar="PORT",
+        "logged); with --processes N, worker i on PORT+i.  Off when unset.", metavar="PORT",
     ),
     _Option(
         "metrics_host", str, "Address the metrics endpoint listens on.  (127.0.0.1 when unset)",
@@ -314,12 +314,29 @@ def _serve(app: App, settings: Settings) -> NoReturn:
 
 
 def _supervise(processes: int, settings: Settings) -> NoReturn:
-    """Run ``processes`` workers, each this very command without --processes, and exit."""
+    """Run ``processes`` workers, each this very command with --processes 1, and exit.
+
+    With a metrics port P, the worker in slot i serves on P + i (with 0, each on a free port):
+    one endpoint per process, as Prometheus scrapes them.
+    """
+    port = settings.metrics_port
+    slot_args: Callable[[int], list[str]] | None = None
+    if port is not None:
+        if port and port + processes - 1 > 65535:
+            raise ConfigurationError(
+                f"--metrics-port {port} with --processes {processes} needs ports up to "
+                f"{port + processes - 1}, past 65535"
+            )
+
+        def slot_args(slot: int) -> list[str]:
+            return ["--metrics-port", str(port + slot if port else 0)]
+
     status = supervise(
         _worker_command(click.get_current_context()),
         processes,
         grace_period=settings.grace_period,
         startup_window=settings.connect_timeout + _STARTUP_MARGIN,
+        slot_args=slot_args,
     )
     sys.exit(status)
 

@@ -115,11 +115,6 @@ class Config(BaseModel):
         """The worker :class:`Settings` these values describe (raises ConfigurationError)."""
         if self.metrics_port is None and self.metrics_host is not None:
             raise ConfigurationError("--metrics-host needs --metrics-port")
-        if self.metrics_port is not None and self.processes > 1:
-            raise ConfigurationError(
-                "--metrics-port serves one worker process: "
-                "it cannot be combined with --processes above 1"
-            )
         return Settings(
             alerts=self.alerts(),
             urls=self.url,

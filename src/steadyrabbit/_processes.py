@@ -109,6 +109,7 @@ def supervise(
     kill_after: float = KILL_AFTER,
     env: Mapping[str, str] | None = None,
     parent_death: ParentDeath = "auto",
+    slot_args: Callable[[int], Sequence[str]] | None = None,
 ) -> int:
     """Run ``processes`` copies of ``command`` until SIGINT or SIGTERM; return the exit status.
 
@@ -116,7 +117,8 @@ def supervise(
     signal, or workers that overran ``grace_period``) or when a worker had died and was waiting
     to be restarted; the worker's status when one failed the way every worker would.
     ``command`` is the whole command line of a worker (``[sys.executable, "-m", ...]``), run
-    with ``env`` (default: this process's environment). Call it from the main thread: it
+    with ``env`` (default: this process's environment), plus ``slot_args(i)`` for the worker in
+    slot ``i`` (0 to processes - 1), e.g. its own metrics port. Call it from the main thread: it
     handles the signals, and on Linux the workers' parent-death signal is bound to the thread
     that started them. See :class:`ProcessSupervisor` for the other arguments.
     """
@@ -132,6 +134,7 @@ def supervise(
         kill_after=kill_after,
         env=env,
         parent_death=parent_death,
+        slot_args=slot_args,
     )
     return asyncio.run(supervisor.run())
 
@@ -170,6 +173,7 @@ class ProcessSupervisor:
         kill_after: float = KILL_AFTER,
         env: Mapping[str, str] | None = None,
         parent_death: ParentDeath = "auto",
+        slot_args: Callable[[int], Sequence[str]] | None = None,
     ) -> None:
         if os.name != "posix":
             raise ConfigurationError("several worker processes need a POSIX system")
@@ -182,6 +186,7 @@ class ProcessSupervisor:
         if not 0 < restart_delay <= restart_delay_max:
             raise ConfigurationError("need 0 < restart_delay <= restart_delay_max")
         self._command = list(command)
+        self._slot_args = slot_args
         self._processes = processes
         self._grace_period = grace_period
         self._startup_window = startup_window
@@ -296,7 +301,7 @@ class ProcessSupervisor:
         while not self._stopping.is_set():
             started = loop.time()
             try:
-                proc = await self._spawn()
+                proc = await self._spawn(slot)
             except (OSError, subprocess.SubprocessError) as exc:
                 if first:
                     self._fail(f"cannot start worker {slot}: {exc}", EXIT_FAILURE)
@@ -353,7 +358,7 @@ class ProcessSupervisor:
         if self._level == 0:
             self.stop()
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
         options: dict[str, Any] = {"stdin": subprocess.DEVNULL, "process_group": 0}
         env = self._env
         if self._preexec is not None:
@@ -362,7 +367,10 @@ class ProcessSupervisor:
             watched = self._pipe[0]
             options["pass_fds"] = (watched,)
             env = {**env, SUPERVISOR_FD_ENV: str(watched)}
-        return await asyncio.create_subprocess_exec(*self._command, env=env, **options)
+        command = self._command
+        if self._slot_args is not None:
+            command = [*command, *self._slot_args(slot - 1)]  # slots are counted from 1
+        return await asyncio.create_subprocess_exec(*command, env=env, **options)
 
     async def _kill_everything(self, slots: list[asyncio.Task[None]]) -> None:
         """Something went wrong in the supervisor itself: leave no worker behind."""
