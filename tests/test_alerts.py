@@ -41,6 +41,7 @@ from steadyrabbit import (
     Worker,
 )
 from steadyrabbit._alerts import (
+    CONSUMER_TIMEOUT,
     DEAD_LETTERED,
     RECONNECTS,
     STUCK,
@@ -49,7 +50,7 @@ from steadyrabbit._alerts import (
     ReconnectCounter,
     parse_smtp_url,
 )
-from tests._broker import main_broker_ctl
+from tests._broker import BrokerNode, main_broker_ctl
 from tests.conftest import MAIN_URL, Admin, eventually
 
 SMTP_USER = "alert-bot"
@@ -447,6 +448,47 @@ async def test_a_handler_running_past_stuck_after_alerts_once(
     assert group["body_preview"].startswith("slow body")
     assert len(group["body_preview"]) <= 20
     assert len(hook.posts) == 1
+
+
+@pytest.mark.private_node
+@in_loop
+async def test_a_channel_closed_by_consumer_timeout_alerts_once(
+    private_node: BrokerNode, private_admin: Admin, queue_name: str, hook: Hook
+) -> None:
+    """Seed 1's failure, staged on the private node (consumer_timeout 5 s): a handler outruns
+    it, the broker closes the channel; one alert names the queue and the broker's reason."""
+    private_admin.declare(queue_name)
+    app = App()
+    calls: list[bool] = []
+
+    @app.consumer(queue_name)
+    def handle(message: Message) -> None:
+        calls.append(message.redelivered)
+        if len(calls) == 1:
+            time.sleep(7)  # past the node's 5 s consumer_timeout
+
+    settings = Settings(
+        urls=(private_node.url,),
+        connect_timeout=10.0,
+        consumer_timeout=5.0,
+        name=f"alerts-test-{uuid.uuid4().hex[:8]}",
+        alerts=AlertSettings(webhook_url=hook.url, group_wait=0.2, stuck_after=60),
+    )
+    try:
+        async with Worker(app, settings) as worker:
+            await private_admin.run(private_admin.publish, queue_name, [b"long job"])
+            await eventually(lambda: bool(hook.posts), within=20, what="the alert")
+            await eventually(lambda: worker.stats.acked == 1, within=20, what="the redelivery")
+    finally:
+        private_admin.delete(queue_name, f"{queue_name}.dlq")
+    assert calls == [False, True]
+    assert len(hook.posts) == 1
+    [group] = hook.posts[0]["groups"]
+    assert group["kind"] == CONSUMER_TIMEOUT
+    assert group["queue"] == queue_name
+    assert group["count"] == 1
+    assert "PRECONDITION_FAILED" in group["error"] or "timeout" in group["error"].lower()
+    assert "consumer_timeout" in hook.posts[0]["text"]
 
 
 # -- 6. dead destinations ---------------------------------------------------------------------

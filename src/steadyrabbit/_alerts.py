@@ -1,4 +1,5 @@
-"""Alerts: e-mail and/or a webhook on dead letters, repeated reconnects and stuck handlers.
+"""Alerts: e-mail and/or a webhook on dead letters, repeated reconnects, stuck handlers and
+channels closed by the broker's consumer_timeout.
 
 Events are recorded on the event loop for the price of a dict update; one task per worker
 groups them (kind, queue or connection, error type), waits ``group_wait`` so that a burst ends
@@ -44,6 +45,7 @@ log = logging.getLogger("steadyrabbit")
 DEAD_LETTERED = "dead_lettered"
 RECONNECTS = "reconnects"
 STUCK = "stuck"
+CONSUMER_TIMEOUT = "consumer_timeout"
 
 _SMTP_PORTS = {"smtp": 25, "smtps": 465, "smtp+starttls": 587}
 _SEND_TIMEOUT = 10.0
@@ -408,6 +410,11 @@ class Alerter:
         elif recent > threshold:
             self.record(AlertEvent(RECONNECTS, cause, reason, connection=role))
 
+    def consumer_timed_out(self, queue: str, reason: str) -> None:
+        """The broker closed the channel of ``queue``'s consumer: a delivery outlived its
+        consumer_timeout (seed 1's failure; the message is redelivered, maybe handled twice)."""
+        self.record(AlertEvent(CONSUMER_TIMEOUT, "PRECONDITION_FAILED", reason, queue=queue))
+
     def watch(self, consumer: Consumer) -> None:
         """Report this consumer's handlers that run longer than ``stuck_after``."""
         consumer.track_running()
@@ -561,6 +568,7 @@ class Alerter:
                 DEAD_LETTERED: "message(s) dead-lettered",
                 RECONNECTS: "reconnect(s)",
                 STUCK: "stuck handler(s)",
+                CONSUMER_TIMEOUT: "channel(s) closed by the broker's consumer_timeout",
             }.get(group["kind"], group["kind"])
             lines.append(f"{group['count']}{again} {what} on {where}: {group['error']}")
         return "\n".join(lines)

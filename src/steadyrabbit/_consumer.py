@@ -241,6 +241,8 @@ class Consumer:
                     self.spec.queue,
                     reason.reply_text,
                 )
+                if self._alerter is not None:
+                    self._alerter.consumer_timed_out(self.spec.queue, reason.reply_text)
             elif reason.reply_code == NOT_FOUND:
                 log.warning("queue %r is gone (%s); re-declaring", self.spec.queue, reason)
             else:
