@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,6 +43,7 @@ from steadyrabbit import (
 from steadyrabbit._alerts import (
     CONSUMER_TIMEOUT,
     DEAD_LETTERED,
+    LOOP_BLOCKED,
     RECONNECTS,
     STUCK,
     AlertBook,
@@ -489,6 +490,37 @@ async def test_a_channel_closed_by_consumer_timeout_alerts_once(
     assert group["count"] == 1
     assert "PRECONDITION_FAILED" in group["error"] or "timeout" in group["error"].lower()
     assert "consumer_timeout" in hook.posts[0]["text"]
+
+
+@in_loop
+async def test_a_handler_blocking_the_event_loop_alerts_once_naming_it(
+    admin: Admin, queue_name: str, hook: Hook
+) -> None:
+    admin.declare(queue_name)
+    app = App()
+
+    @app.consumer(queue_name)
+    async def blocks_the_loop(message: Message) -> None:
+        time.sleep(1.5)  # the mistake the watchdog exists for  # noqa: ASYNC251
+
+    settings = replace(
+        # group_wait 1 s: the second stall starts well within it, so both land in one group.
+        worker_settings(webhook_url=hook.url, group_wait=1.0, stuck_after=60),
+        loop_lag_threshold=0.5,
+    )
+    async with Worker(app, settings) as worker:
+        await admin.run(admin.publish, queue_name, [b"one", b"two"])
+        await eventually(lambda: worker.stats.acked == 2, within=20, what="2 acks")
+        await eventually(lambda: bool(hook.posts), within=10, what="the alert")
+        await asyncio.sleep(0.5)
+    assert worker.stats.loop_stalls == 2
+    assert len(hook.posts) == 1
+    [group] = hook.posts[0]["groups"]
+    assert group["kind"] == LOOP_BLOCKED
+    assert group["count"] == 2, "both stalls, one group"
+    assert "blocks_the_loop" in group["error"]
+    assert "1 stall(s) on the event loop" not in hook.posts[0]["text"]
+    assert "2 stall(s) on the event loop" in hook.posts[0]["text"]
 
 
 # -- 6. dead destinations ---------------------------------------------------------------------

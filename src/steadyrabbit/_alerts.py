@@ -46,6 +46,7 @@ DEAD_LETTERED = "dead_lettered"
 RECONNECTS = "reconnects"
 STUCK = "stuck"
 CONSUMER_TIMEOUT = "consumer_timeout"
+LOOP_BLOCKED = "loop_blocked"
 
 _SMTP_PORTS = {"smtp": 25, "smtps": 465, "smtp+starttls": 587}
 _SEND_TIMEOUT = 10.0
@@ -415,6 +416,19 @@ class Alerter:
         consumer_timeout (seed 1's failure; the message is redelivered, maybe handled twice)."""
         self.record(AlertEvent(CONSUMER_TIMEOUT, "PRECONDITION_FAILED", reason, queue=queue))
 
+    def loop_blocked(self, culprit: str, seconds: float) -> None:
+        """The watchdog saw the event loop blocked (heartbeats stalled) by ``culprit``; called
+        once the loop turns again."""
+        self.record(
+            AlertEvent(
+                LOOP_BLOCKED,
+                culprit.partition(" (")[0],  # group by the code, not the line it was on
+                f"the event loop was blocked for at least {seconds:.1f} s by {culprit}: "
+                "heartbeats and acks stalled meanwhile",
+                connection="event loop",
+            )
+        )
+
     def watch(self, consumer: Consumer) -> None:
         """Report this consumer's handlers that run longer than ``stuck_after``."""
         consumer.track_running()
@@ -558,17 +572,19 @@ class Alerter:
     def _summary(self, groups: Iterable[dict[str, Any]]) -> str:
         lines = []
         for group in groups:
-            where = (
-                f"queue {group['queue']!r}"
-                if group["queue"] is not None
-                else f"{group['connection']} connection"
-            )
+            if group["queue"] is not None:
+                where = f"queue {group['queue']!r}"
+            elif group["kind"] == LOOP_BLOCKED:
+                where = "the event loop"
+            else:
+                where = f"{group['connection']} connection"
             again = " more" if group["follow_up"] else ""
             what = {
                 DEAD_LETTERED: "message(s) dead-lettered",
                 RECONNECTS: "reconnect(s)",
                 STUCK: "stuck handler(s)",
                 CONSUMER_TIMEOUT: "channel(s) closed by the broker's consumer_timeout",
+                LOOP_BLOCKED: "stall(s)",
             }.get(group["kind"], group["kind"])
             lines.append(f"{group['count']}{again} {what} on {where}: {group['error']}")
         return "\n".join(lines)

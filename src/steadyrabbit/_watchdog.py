@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import monotonic
 from types import CodeType, FrameType
 
@@ -29,12 +29,16 @@ class LoopLagWatchdog:
         threshold: float,
         handlers: Mapping[CodeType, str],
         stats: Stats,
+        on_stall: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``on_stall(culprit, seconds)`` is called on the loop, once it turns again, for each
+        stall (the alerter's hook)."""
         self._loop = loop
         self._threshold = threshold
         self._interval = threshold / 4
         self._handlers = dict(handlers)
         self._stats = stats
+        self._on_stall = on_stall
         self._last_turn = monotonic()
         self._loop_thread = threading.get_ident()
         self._stop = threading.Event()
@@ -73,12 +77,15 @@ class LoopLagWatchdog:
             reported = True
             self._stats.loop_stalls += 1
             frame = sys._current_frames().get(self._loop_thread)
+            culprit = self._describe(frame)
             log.warning(
                 "the event loop has been blocked for %.1f s by %s: heartbeats and acks are "
                 "stalled; use a sync handler (it runs in a thread) or await instead of blocking",
                 lag,
-                self._describe(frame),
+                culprit,
             )
+            if self._on_stall is not None:
+                self._loop.call_soon_threadsafe(self._on_stall, culprit, lag)
 
     def _describe(self, frame: FrameType | None) -> str:
         innermost = frame

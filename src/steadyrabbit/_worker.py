@@ -135,7 +135,11 @@ class Worker:
             self._spawn(consumer.run(), f"consumer[{consumer.spec.queue}]")
             consumer.fatal.add_done_callback(lambda fut: self._fail(fut.result()))
         self._watchdog = LoopLagWatchdog(
-            loop, settings.loop_lag_threshold, _handler_codes(self.app), self.stats
+            loop,
+            settings.loop_lag_threshold,
+            _handler_codes(self.app),
+            self.stats,
+            on_stall=None if alerter is None else alerter.loop_blocked,
         )
         self._watchdog.start()
         all_ready = asyncio.ensure_future(
