@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -47,6 +48,7 @@ from steadyrabbit._alerts import (
     RECONNECTS,
     STUCK,
     AlertBook,
+    Alerter,
     AlertEvent,
     ReconnectCounter,
     parse_smtp_url,
@@ -521,6 +523,80 @@ async def test_a_handler_blocking_the_event_loop_alerts_once_naming_it(
     assert "blocks_the_loop" in group["error"]
     assert "1 stall(s) on the event loop" not in hook.posts[0]["text"]
     assert "2 stall(s) on the event loop" in hook.posts[0]["text"]
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by the machine's openssl."""
+    directory.mkdir(exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize(
+    ("scheme", "trusted"), [("smtps", True), ("smtp+starttls", True), ("smtp+starttls", False)]
+)
+def test_e_mail_over_tls_verifies_the_server_and_logs_in_encrypted(
+    scheme: str, trusted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    # The client verifies the server as usual, against this certificate instead of the system's
+    # (or, untrusted, against another one).
+    other, _ = self_signed_certificate(tmp_path / "other") if not trusted else (cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    box = Mailbox(port=_free_port())
+
+    def authenticate(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        box.logins.append((data.login.decode(), data.password.decode()))
+        return AuthResult(success=box.logins[-1] == (SMTP_USER, SMTP_PASSWORD))
+
+    # smtps is TLS from the first byte; aiosmtpd's auth_require_tls only knows STARTTLS.
+    tls: dict[str, Any] = (
+        {"ssl_context": server_tls, "server_hostname": "127.0.0.1", "auth_require_tls": False}
+        if scheme == "smtps"
+        else {"tls_context": server_tls, "require_starttls": True, "auth_require_tls": True}
+    )
+    controller = Controller(
+        _MailHandler(box), hostname="127.0.0.1", port=box.port, authenticator=authenticate, **tls
+    )
+    controller.start()
+    url = f"{scheme}://{SMTP_USER}:{SMTP_PASSWORD}@127.0.0.1:{box.port}"
+    alerts = AlertSettings(
+        smtp_url=url, email_from="sr@example.test", email_to=("ops@example.test",),
+        group_wait=0.1,
+    )  # fmt: skip
+
+    async def scenario() -> Alerter:
+        alerter = Alerter(alerts, Settings(urls=(MAIN_URL,)))
+        alerter.start()
+        alerter.dead_lettered("orders", "ValueError", "bad order", b"{}")
+        await eventually(lambda: bool(box.mails) or alerter.failed > 0, within=15, what="a send")
+        await alerter.aclose()
+        return alerter
+
+    try:
+        alerter = asyncio.run(scenario())
+    finally:
+        controller.stop()
+    if not trusted:
+        assert (alerter.failed, box.mails, box.logins) == (1, [], []), "nothing sent in clear"
+        return
+    assert alerter.failed == 0
+    assert len(box.mails) == 1
+    assert box.logins == [(SMTP_USER, SMTP_PASSWORD)]
+    assert "bad order" in box.mails[0].get_content()
 
 
 # -- 6. dead destinations ---------------------------------------------------------------------
