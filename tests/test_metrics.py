@@ -146,6 +146,10 @@ def test_counters_and_handler_durations_after_handling_messages(
     assert samples("steadyrabbit_prefetched_messages", **queue) == 0
     assert samples("steadyrabbit_oldest_unacked_age_seconds", **queue) == 0
     assert samples("steadyrabbit_consumer_ready", **queue) == 1
+    assert samples("steadyrabbit_queue_deliveries_total", **queue) == 9
+    assert samples("steadyrabbit_queue_messages_total", outcome="succeeded", **queue) == 6
+    assert samples("steadyrabbit_queue_messages_total", outcome="retried", **queue) == 1
+    assert samples("steadyrabbit_queue_messages_total", outcome="dead_lettered", **queue) == 2
     assert samples("steadyrabbit_consumer_timeout_seconds") == 1800
     assert samples("steadyrabbit_ready") == 1
     for role in ("consume", "publish"):

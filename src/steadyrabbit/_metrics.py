@@ -288,6 +288,17 @@ class WorkerCollector(Collector):
             "1 while the consumer is registered with the broker.",
             labels=["queue"],
         )
+        outcomes = CounterMetricFamily(
+            "steadyrabbit_queue_messages",
+            "Messages settled per queue, by outcome: succeeded (handler returned, acked), "
+            "retried or dead_lettered (copy confirmed, original acked).",
+            labels=["queue", "outcome"],
+        )
+        deliveries = CounterMetricFamily(
+            "steadyrabbit_queue_deliveries",
+            "Deliveries received per queue (redeliveries included).",
+            labels=["queue"],
+        )
         durations = HistogramMetricFamily(
             "steadyrabbit_handler_duration_seconds",
             "Time spent in the handler per message (decoding and the retry or dead-letter "
@@ -301,6 +312,11 @@ class WorkerCollector(Collector):
             since = consumer.oldest_unacked()
             oldest.add_metric(queue, 0.0 if since is None else max(0.0, now - since))
             ready.add_metric(queue, 1 if consumer.ready.is_set() else 0)
+            counts = consumer.counts
+            deliveries.add_metric(queue, counts.delivered)
+            outcomes.add_metric([*queue, "succeeded"], counts.succeeded)
+            outcomes.add_metric([*queue, "retried"], counts.retried)
+            outcomes.add_metric([*queue, "dead_lettered"], counts.dead_lettered)
             recorded = self._durations.get(consumer.spec.queue)
             if recorded is not None:
                 durations.add_metric(queue, recorded.cumulative(), recorded.total)
@@ -313,6 +329,8 @@ class WorkerCollector(Collector):
             self._worker.settings.consumer_timeout,
         )
         yield ready
+        yield deliveries
+        yield outcomes
         yield durations
 
 

@@ -28,6 +28,11 @@ class Stats:
     def reconnect_count(self) -> int:
         return sum(self.reconnects.values())
 
+    @property
+    def succeeded(self) -> int:
+        """Messages whose handler succeeded (see :attr:`QueueCounts.succeeded`)."""
+        return self.acked - self.retried - self.dead_lettered
+
 
 @dataclass(slots=True)
 class QueueCounts:
@@ -37,3 +42,9 @@ class QueueCounts:
     acked: int = 0
     retried: int = 0
     dead_lettered: int = 0
+
+    @property
+    def succeeded(self) -> int:
+        """Messages whose handler succeeded: every ack but those of the originals whose retry
+        or dead-letter copy was confirmed (each acked once, and counted there)."""
+        return self.acked - self.retried - self.dead_lettered

@@ -106,7 +106,7 @@ def build_status(
         "loop_lag_max_seconds": None if watchdog is None else _round(max(0.0, watchdog.max_lag)),
         "totals": {
             "delivered": stats.delivered,
-            "succeeded": _succeeded(stats.acked, stats.retried, stats.dead_lettered),
+            "succeeded": stats.succeeded,
             "acked": stats.acked,
             "retried": stats.retried,
             "dead_lettered": stats.dead_lettered,
@@ -156,7 +156,7 @@ def _consumer(consumer: Consumer, recorded: Durations | None, now: float) -> dic
         "handled": 0 if recorded is None else sum(recorded.counts),
         "handler_seconds_total": 0.0 if recorded is None else round(recorded.total, 6),
         "delivered": counts.delivered,
-        "succeeded": _succeeded(counts.acked, counts.retried, counts.dead_lettered),
+        "succeeded": counts.succeeded,
         "acked": counts.acked,
         "retried": counts.retried,
         "dead_lettered": counts.dead_lettered,
@@ -164,12 +164,6 @@ def _consumer(consumer: Consumer, recorded: Durations | None, now: float) -> dic
         "in_flight_ages_seconds": [round(age, 3) for age in ages[:MAX_AGES]],
         "in_flight_ages_omitted": max(0, len(ages) - MAX_AGES),
     }
-
-
-def _succeeded(acked: int, retried: int, dead_lettered: int) -> int:
-    """Messages whose handler succeeded: every ack but those of originals whose retry or
-    dead-letter copy was confirmed (each such original is acked once, then counted there)."""
-    return acked - retried - dead_lettered
 
 
 def _round(value: float | None) -> float | None:
