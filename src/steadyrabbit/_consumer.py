@@ -88,8 +88,9 @@ class Consumer:
         self._publisher = publisher
         self._settings = settings
         self._stats = stats
-        #: This queue's share of ``stats`` (the worker's totals), for the status page.
+        #: This queue's per-message counters; ``stats`` sums every consumer's.
         self.counts = QueueCounts()
+        stats.queues.append(self.counts)
         self._handler = spec.handler
         self._decode = spec.decode
         self._concurrency = spec.concurrency
@@ -265,7 +266,6 @@ class Consumer:
         # Basic.Deliver always carries its tag; the stubs say Optional for every field.
         channel.unsettled.append(method.delivery_tag)  # type: ignore[arg-type]
         message = Message(channel, method, properties, body, self._queue)
-        self._stats.delivered += 1
         self.counts.delivered += 1
         if self._refusing:
             self._requeue(message)
@@ -371,7 +371,6 @@ class Consumer:
             try:
                 if ack:
                     channel.ack(message.delivery_tag)
-                    self._stats.acked += 1
                     self.counts.acked += 1
                 else:
                     channel.nack(message.delivery_tag, requeue=requeue)
@@ -460,12 +459,10 @@ class Consumer:
         if not self._settle(message, ack=True):
             return False
         if outcome is Outcome.RETRY:
-            self._stats.retried += 1
             self.counts.retried += 1
             log.info("retrying %r via %r (attempt %d failed: %s)", message, target.name,
                      attempts, reason)
         else:
-            self._stats.dead_lettered += 1
             self.counts.dead_lettered += 1
             log.warning("dead-lettered %r to %r: %s", message, target.name, reason)
             if self._alerter is not None:

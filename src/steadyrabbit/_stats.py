@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Stats:
-    """``acked`` counts every basic.ack sent: handled messages, and originals whose retry or
+    """A worker's counters. The per-message ones are kept per queue (:attr:`queues`, one
+    :class:`QueueCounts` per consumer) and summed here when read: the hot path counts once.
+    ``acked`` counts every basic.ack sent: handled messages, and originals whose retry or
     dead-letter copy was confirmed."""
 
-    delivered: int = 0
-    acked: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
+    queues: list[QueueCounts] = field(default_factory=list)
     requeued_unstarted: int = 0
     requeued_aged: int = 0
     stale_settlements_dropped: int = 0
@@ -29,6 +28,22 @@ class Stats:
         return sum(self.reconnects.values())
 
     @property
+    def delivered(self) -> int:
+        return sum(queue.delivered for queue in self.queues)
+
+    @property
+    def acked(self) -> int:
+        return sum(queue.acked for queue in self.queues)
+
+    @property
+    def retried(self) -> int:
+        return sum(queue.retried for queue in self.queues)
+
+    @property
+    def dead_lettered(self) -> int:
+        return sum(queue.dead_lettered for queue in self.queues)
+
+    @property
     def succeeded(self) -> int:
         """Messages whose handler succeeded (see :attr:`QueueCounts.succeeded`)."""
         return self.acked - self.retried - self.dead_lettered
@@ -36,7 +51,7 @@ class Stats:
 
 @dataclass(slots=True)
 class QueueCounts:
-    """One consumer's share of the :class:`Stats` counters that differ between queues."""
+    """One consumer's per-message counters (:class:`Stats` sums them for the worker)."""
 
     delivered: int = 0
     acked: int = 0

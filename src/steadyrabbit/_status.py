@@ -6,10 +6,9 @@ in ``status.html``, which polls ``/status.json`` every second and draws the thro
 Prometheus collector reads too (:class:`Stats`, the consumers, the handler durations, the
 broker-traffic ages): nothing here runs per message.
 
-The counters in ``totals`` are the worker's (:class:`Stats` is kept per worker, not per queue);
-a consumer's own ``delivered``, ``acked``, ``retried`` and ``dead_lettered`` are given only when
-the worker has that one consumer, and are null otherwise. ``handled`` (handler calls finished)
-is always per queue. The broker appears only as its masked URL.
+The counters in ``totals`` are the worker's; each consumer also has its own ``delivered``,
+``succeeded``, ``acked``, ``retried``, ``dead_lettered`` and ``handled`` (handler calls
+finished). The broker appears only as its masked URL.
 """
 
 from __future__ import annotations
