@@ -26,13 +26,12 @@ import pytest
 
 from steadyrabbit import _headers as h
 from steadyrabbit._dlq import (
-    PREVIEW_CHARS,
-    body_preview,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
 )
 from steadyrabbit._errors import ConfigurationError
+from steadyrabbit._preview import PREVIEW_CHARS, body_preview
 from steadyrabbit._settings import Settings
 from tests.conftest import MAIN_URL, Admin
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ._errors import ConfigurationError, SteadyRabbitError
+from ._preview import body_preview
 from ._url import mask_url, split_url
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class AlertSettings:
         for address in self.email_to:
             if not _is_address(address):
                 raise ConfigurationError(f"alert email_to {address!r} is not an e-mail address")
-        if not self.enabled:
+        if self.smtp is None and self.webhook_url is None:
             raise ConfigurationError(
                 "alerts need a destination: smtp_url with email_from and email_to, "
                 "and/or webhook_url"
@@ -194,11 +195,6 @@ class AlertSettings:
             f"reconnect_window={self.reconnect_window!r}, stuck_after={self.stuck_after!r}, "
             f"body_chars={self.body_chars!r})"
         )
-
-    @property
-    def enabled(self) -> bool:
-        """True when there is somewhere to send alerts to."""
-        return (self.smtp is not None and bool(self.email_to)) or self.webhook_url is not None
 
 
 def _require(condition: bool, message: str) -> None:
@@ -546,8 +542,6 @@ class Alerter:
         }
 
     def _describe(self, report: GroupReport) -> dict[str, Any]:
-        from ._dlq import body_preview  # _dlq imports _settings, which imports this module
-
         event = report.event
         error = self._scrub(event.error)
         if len(error) > _MAX_ERROR_CHARS:
@@ -572,12 +566,7 @@ class Alerter:
     def _summary(self, groups: Iterable[dict[str, Any]]) -> str:
         lines = []
         for group in groups:
-            if group["queue"] is not None:
-                where = f"queue {group['queue']!r}"
-            elif group["kind"] == LOOP_BLOCKED:
-                where = "the event loop"
-            else:
-                where = f"{group['connection']} connection"
+            where = _where(group)
             again = " more" if group["follow_up"] else ""
             what = {
                 DEAD_LETTERED: "message(s) dead-lettered",
@@ -672,11 +661,7 @@ def _email_text(payload: dict[str, Any]) -> str:
         "",
     ]
     for group in payload["groups"]:
-        where = (
-            f"queue {group['queue']}"
-            if group["queue"] is not None
-            else f"{group['connection']} connection"
-        )
+        where = _where(group)
         follow_up = " (more since the previous alert)" if group["follow_up"] else ""
         lines += [
             f"{group['kind']} on {where}{follow_up}",
@@ -690,6 +675,15 @@ def _email_text(payload: dict[str, Any]) -> str:
             lines.append(f"  body:   {group['body_preview']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _where(group: dict[str, Any]) -> str:
+    """What a group happened to: a queue, a connection or the event loop."""
+    if group["queue"] is not None:
+        return f"queue {group['queue']!r}"
+    if group["kind"] == LOOP_BLOCKED:
+        return "the event loop"
+    return f"the {group['connection']} connection"
 
 
 def _iso(timestamp: float) -> str:

@@ -24,7 +24,6 @@ from ._demo import demo_command
 from ._dlq import (
     DeadLetterReport,
     ReplayResult,
-    body_preview,
     dead_letter_queue,
     list_dead_letters,
     purge_dead_letters,
@@ -32,6 +31,7 @@ from ._dlq import (
 )
 from ._doctor import can_encode, diagnose, format_report
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
+from ._preview import body_preview
 from ._processes import supervise, watch_supervisor, without_option
 from ._relay import relay_app
 from ._retry import RetryPolicy

@@ -110,7 +110,7 @@ class Worker:
             self._metrics = metrics
         self._failed = loop.create_future()
         alerter = None
-        if settings.alerts is not None and settings.alerts.enabled:
+        if settings.alerts is not None:
             alerter = self._alerter = Alerter(settings.alerts, settings)
         consume = Supervisor(settings, self.stats, role="consume", alerter=alerter)
         publish = Supervisor(settings, self.stats, role="publish", alerter=alerter)
