@@ -186,7 +186,7 @@ def closed_port() -> int:
 
 def test_an_unreachable_endpoint_is_one_clear_line(closed_port: int) -> None:
     with pytest.raises(StatusUnavailableError) as caught:
-        fetch_status(f"http://127.0.0.1:{closed_port}")
+        asyncio.run(fetch_status(f"http://127.0.0.1:{closed_port}"))
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"cannot read http://127.0.0.1:{closed_port}/status.json: ")
@@ -224,7 +224,7 @@ def test_something_else_than_a_worker_is_named_as_such() -> None:
         async with server:
             for _ in range(2):
                 with pytest.raises(StatusUnavailableError) as caught:
-                    await asyncio.to_thread(fetch_status, f"http://user:s3cret@127.0.0.1:{port}")
+                    await fetch_status(f"http://user:s3cret@127.0.0.1:{port}")
                 messages.append(str(caught.value))
         return messages
 

@@ -24,7 +24,7 @@ import httpx
 from ._errors import ConfigurationError, StatusUnavailableError
 from ._url import mask_url
 
-__all__ = ["fetch_status", "fetch_status_async", "render", "run_top", "status_url", "watch"]
+__all__ = ["fetch_status", "render", "run_top", "status_url", "watch"]
 
 DEFAULT_TIMEOUT = 5.0
 #: Columns of a frame that does not go to a terminal.
@@ -68,26 +68,14 @@ def status_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"{path}/status.json", "", ""))
 
 
-def fetch_status(url: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-    """The status document of the worker whose metrics endpoint is ``url``.
+async def fetch_status(url: str, *, client: httpx.AsyncClient | None = None) -> dict[str, Any]:
+    """The status document of the worker whose metrics endpoint is ``url``, within
+    ``DEFAULT_TIMEOUT`` seconds, without blocking the event loop (which may be the worker's
+    own); ``client`` is reused if given.
 
     Raises :class:`StatusUnavailableError` (one sentence) when nothing answers there, or not
     as a steadyrabbit worker.
     """
-    endpoint = status_url(url)
-    try:
-        with httpx.Client(timeout=timeout) as client:
-            response = client.get(endpoint)
-    except httpx.HTTPError as exc:
-        raise _unreachable(endpoint, exc, timeout) from None
-    return _document(endpoint, response)
-
-
-async def fetch_status_async(
-    url: str, *, client: httpx.AsyncClient | None = None
-) -> dict[str, Any]:
-    """:func:`fetch_status` without blocking the event loop (which may be the worker's own),
-    within ``DEFAULT_TIMEOUT`` seconds; ``client`` is reused if given."""
     endpoint = status_url(url)
     try:
         if client is None:
@@ -96,13 +84,13 @@ async def fetch_status_async(
         else:
             response = await client.get(endpoint, timeout=DEFAULT_TIMEOUT)
     except httpx.HTTPError as exc:
-        raise _unreachable(endpoint, exc, DEFAULT_TIMEOUT) from None
+        raise _unreachable(endpoint, exc) from None
     return _document(endpoint, response)
 
 
-def _unreachable(endpoint: str, exc: httpx.HTTPError, timeout: float) -> StatusUnavailableError:
+def _unreachable(endpoint: str, exc: httpx.HTTPError) -> StatusUnavailableError:
     if isinstance(exc, httpx.TimeoutException):
-        reason = f"no answer within {timeout:g} s"
+        reason = f"no answer within {DEFAULT_TIMEOUT:g} s"
     else:
         reason = _ERRNO.sub("", str(exc)) or type(exc).__name__
         # The async transport says "All connection attempts failed" and keeps the reason (say,
@@ -369,7 +357,7 @@ async def watch(
         while stop is None or not stop.is_set():
             width = shutil.get_terminal_size((PIPE_WIDTH, 24)).columns if tty else PIPE_WIDTH
             try:
-                current = await fetch_status_async(endpoint, client=client)
+                current = await fetch_status(endpoint, client=client)
             except StatusUnavailableError as exc:
                 if frames == 0:
                     raise
