@@ -22,10 +22,9 @@ import contextlib
 import json
 import logging
 import os
-import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from time import monotonic
+from time import monotonic, time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -52,7 +51,7 @@ if TYPE_CHECKING:
     from ._consumer import Consumer
     from ._worker import Worker
 
-__all__ = ["RECONNECT_CAUSES", "Durations", "MetricsServer", "not_ready_reason"]
+__all__ = ["Durations", "MetricsServer"]
 
 log = logging.getLogger("steadyrabbit")
 
@@ -363,8 +362,8 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self._started = time.monotonic()
-        self._started_at = time.time()
+        self._started = monotonic()
+        self._started_at = time()
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self.address: tuple[str, int] | None = None
