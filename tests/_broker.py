@@ -47,7 +47,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -505,6 +505,20 @@ def main_broker_ctl(*args: str, timeout: float = 60) -> str:
     if "HOME" in os.environ:
         env["HOME"] = os.environ["HOME"]
     return _run_ctl(["rabbitmqctl", *args], env, timeout)
+
+
+def close_main_broker_connections(info: str, matches: Callable[[str], bool], reason: str) -> int:
+    """Close, broker side, the main broker's connections whose ``info`` column (of
+    ``rabbitmqctl list_connections``: user, client_properties, ...) ``matches``; return how
+    many. Never all of them: other tests and sessions may share this broker."""
+    listing = main_broker_ctl("list_connections", "pid", info, "--no-table-headers", "--quiet")
+    closed = 0
+    for line in listing.splitlines():
+        pid, _, value = line.partition("\t")
+        if pid.strip() and matches(value.strip()):
+            main_broker_ctl("close_connection", pid.strip(), reason)
+            closed += 1
+    return closed
 
 
 @atexit.register

@@ -53,7 +53,7 @@ from steadyrabbit._alerts import (
     ReconnectCounter,
     parse_smtp_url,
 )
-from tests._broker import BrokerNode, main_broker_ctl
+from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, eventually
 
 SMTP_USER = "alert-bot"
@@ -359,19 +359,6 @@ async def test_pending_groups_are_sent_when_the_worker_stops(
 # -- 4. repeated reconnects -------------------------------------------------------------------
 
 
-def _close_connection_named(name: str) -> bool:
-    """Close (broker side) this worker's connection named ``name``; False if not found."""
-    listing = main_broker_ctl(
-        "list_connections", "pid", "client_properties", "--no-table-headers", "--quiet"
-    )
-    for line in listing.splitlines():
-        pid, _, properties = line.partition("\t")
-        if f'{{"connection_name","{name}"}}' in properties:
-            main_broker_ctl("close_connection", pid.strip(), "test: alerts")
-            return True
-    return False
-
-
 @in_loop
 async def test_repeated_reconnects_raise_one_alert(
     admin: Admin, queue_name: str, hook: Hook
@@ -385,10 +372,18 @@ async def test_repeated_reconnects_raise_one_alert(
 
     alerts = {"webhook_url": hook.url, "group_wait": 0.3, "reconnect_threshold": 3}
     settings = worker_settings(**alerts)
+    named = f'{{"connection_name","{settings.name} (consume)"}}'
+
+    def ours(properties: str) -> bool:
+        return named in properties
+
     async with Worker(app, settings) as worker:
         for round_ in range(3):
             before = worker.connections["consume"]
-            assert await asyncio.to_thread(_close_connection_named, f"{settings.name} (consume)")
+            closed = await asyncio.to_thread(
+                close_main_broker_connections, "client_properties", ours, "test: alerts"
+            )
+            assert closed == 1
 
             def reconnected(before: object = before) -> bool:
                 return worker.ready and worker.connections["consume"] not in (None, before)

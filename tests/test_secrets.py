@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests._broker import main_broker_ctl
+from tests._broker import close_main_broker_connections, main_broker_ctl
 from tests.conftest import Admin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,15 +95,6 @@ def wait_for(condition: object, what: str, within: float = 30) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def close_connections_of(user: str) -> None:
-    """Close this test user's connections only: other tests may share the broker."""
-    listing = main_broker_ctl("list_connections", "pid", "user", "--no-table-headers", "--quiet")
-    for line in listing.splitlines():
-        pid, _, name = line.strip().partition("\t")
-        if name.strip() == user:
-            main_broker_ctl("close_connection", pid.strip(), "secrets test: force a reconnect")
-
-
 def run_relay(
     url: str, user: str, queue: str, target: str, log: Path, admin: Admin, *extra: str
 ) -> list[str]:
@@ -137,7 +128,10 @@ def run_relay(
         wait_for(ready, "the relay to be ready")
         admin.publish(queue, [b"good", b"bad"])
         wait_for(lambda: admin.counts(f"{queue}.dlq")[0] == 1, "the dead letter")
-        close_connections_of(user)
+        closed = close_main_broker_connections(
+            "user", user.__eq__, "secrets test: force a reconnect"
+        )
+        assert closed == 2, "the relay's consume and publish connections"
 
         def reconnected() -> bool:
             metrics = httpx.get(f"{base}/metrics", timeout=5).text
