@@ -236,6 +236,20 @@ def test_configuration_errors_are_one_line_and_exit_2(
     assert PASSWORD not in result.stderr + result.stdout
 
 
+def test_several_problems_are_one_marked_line_each() -> None:
+    result = run_cli(
+        "relay", "q", "http://x",
+        env={"STEADYRABBIT_HEARTBEAT": "often", "STEADYRABBIT_CONCURRENCY": "0"},
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert sorted(result.stderr.splitlines()) == [
+        "steadyrabbit: error: STEADYRABBIT_CONCURRENCY: input should be greater than or equal "
+        "to 1",
+        "steadyrabbit: error: STEADYRABBIT_HEARTBEAT: input should be a valid integer, unable "
+        "to parse string as an integer",
+    ]
+
+
 def test_a_bad_url_from_the_environment_is_masked() -> None:
     url = f"amqp://guest:{PASSWORD}@127.0.0.1:5672/%2F?heartbeat=never"
     result = run_cli("relay", "q", "http://x", env={"STEADYRABBIT_URL": url})

@@ -828,5 +828,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def _fail(message: str, status: int) -> NoReturn:
-    click.echo(f"steadyrabbit: error: {mask_url(message)}", err=True)
+    # Several problems (a configuration with two bad values) are one line each, each marked.
+    for line in mask_url(message).splitlines() or [""]:
+        click.echo(f"steadyrabbit: error: {line}", err=True)
     sys.exit(status)
