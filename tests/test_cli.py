@@ -103,7 +103,7 @@ BAD_URL = f"amqp://guest:{PASSWORD}@127.0.0.1:1/%2F"
         pytest.param(["fly", "away"], "No such command 'fly'", id="unknown-command"),
         pytest.param(
             ["relay", "q", "http://x", "--concurrency", "0"],
-            "Invalid value for '--concurrency'",
+            "--concurrency: input should be greater than or equal to 1",
             id="concurrency-0",
         ),
         pytest.param(

@@ -242,11 +242,11 @@ def test_several_problems_are_one_marked_line_each() -> None:
         env={"STEADYRABBIT_HEARTBEAT": "often", "STEADYRABBIT_CONCURRENCY": "0"},
     )  # fmt: skip
     assert result.returncode == 2, result
-    assert sorted(result.stderr.splitlines()) == [
-        "steadyrabbit: error: STEADYRABBIT_CONCURRENCY: input should be greater than or equal "
-        "to 1",
+    assert result.stderr.splitlines() == [
         "steadyrabbit: error: STEADYRABBIT_HEARTBEAT: input should be a valid integer, unable "
         "to parse string as an integer",
+        "steadyrabbit: error: STEADYRABBIT_CONCURRENCY: input should be greater than or equal "
+        "to 1 (see 'steadyrabbit relay --help')",
     ]
 
 

@@ -451,8 +451,16 @@ def steadyrabbit(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        pytest.param(["--metrics-port", "70000"], "Invalid value for '--metrics-port'", id="range"),
-        pytest.param(["--metrics-port", "-1"], "Invalid value for '--metrics-port'", id="negative"),
+        pytest.param(
+            ["--metrics-port", "70000"],
+            "--metrics-port: input should be less than or equal to 65535",
+            id="range",
+        ),
+        pytest.param(
+            ["--metrics-port", "-1"],
+            "--metrics-port: input should be greater than or equal to 0",
+            id="negative",
+        ),
         pytest.param(["--metrics-port", "web"], "Invalid value for '--metrics-port'", id="word"),
         pytest.param(
             ["--metrics-host", "0.0.0.0"], "--metrics-host needs --metrics-port", id="host"

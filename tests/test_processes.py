@@ -225,12 +225,19 @@ def in_flight(path: Path) -> dict[int, str]:
 
 
 @pytest.mark.parametrize("command", ["run", "relay"])
-@pytest.mark.parametrize("value", ["0", "-2", "two"])
-def test_processes_must_be_a_positive_number(command: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", "--processes: input should be greater than or equal to 1"),
+        ("-2", "--processes: input should be greater than or equal to 1"),
+        ("two", "Invalid value for '--processes'"),
+    ],
+)
+def test_processes_must_be_a_positive_number(command: str, value: str, expected: str) -> None:
     args = ["run", "tests.sample_app:app"] if command == "run" else ["relay", "q", "http://x"]
     result = steadyrabbit(*args, "--processes", value, "--url", MAIN_URL)
     message = assert_error(result, EXIT_USAGE)
-    assert "Invalid value for '--processes'" in message
+    assert expected in message
     assert f"see 'steadyrabbit {command} --help'" in message
 
 

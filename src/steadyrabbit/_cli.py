@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NoReturn, TypeVar
 
+import annotated_types
 import click
 
 from ._app import App
@@ -69,6 +70,7 @@ class _Option:
         elif isinstance(default, tuple):
             default = ", ".join(map(str, default)) or None
         shown = "" if default is None else f"default: {default}; "
+        limits = _limits(self.key)
         return click.option(
             self.key,
             flag(self.key),
@@ -77,22 +79,41 @@ class _Option:
             multiple=self.multiple,
             default=() if self.multiple else None,
             metavar=self.metavar,
-            help=f"{self.help}  [{shown}env {env_name(self.key)}]",
+            help=f"{self.help}  [{shown}env {env_name(self.key)}{limits}]",
         )(fn)
 
 
-_SECONDS = click.FloatRange(min=0, min_open=True)
+def _limits(key: str) -> str:
+    """The range of a numeric setting as click shows its own (``; 0<=x<=65535``), or ""."""
+    low = high = ""
+    for limit in Config.model_fields[key].metadata:
+        if isinstance(limit, annotated_types.Ge):
+            low = f"{limit.ge}<="
+        elif isinstance(limit, annotated_types.Gt):
+            low = f"{limit.gt}<"
+        elif isinstance(limit, annotated_types.Le):
+            high = f"<={limit.le}"
+    if low and high:
+        return f"; {low}x{high}"
+    if low:  # x>=1 reads better than 1<=x
+        bound, sign = low.rstrip("<="), ">=" if low.endswith("<=") else ">"
+        return f"; x{sign}{bound}"
+    return ""
+
+
+# Flags are parsed as plain numbers: their limits are Config's, checked (and shown in --help)
+# from there, so that a flag, a variable and a file key are held to the same ones.
 _BROKER = (
     _Option(
         "url", str, "Broker URL; repeat (or separate with commas) for several nodes, tried in "
         "turn.", metavar="URL", multiple=True,
     ),
     _Option(
-        "heartbeat", click.IntRange(0, 65535), "AMQP heartbeat in seconds; a dead peer is "
+        "heartbeat", int, "AMQP heartbeat in seconds; a dead peer is "
         "noticed after about two. 0 turns it off (not recommended).",
     ),
     _Option(
-        "connect_timeout", _SECONDS, "At startup, give up when no broker answered within this "
+        "connect_timeout", float, "At startup, give up when no broker answered within this "
         "many seconds; once connected, reconnection never gives up.",
     ),
     _Option(
@@ -106,11 +127,11 @@ _BROKER = (
 )
 _WORKER = (
     _Option(
-        "grace_period", click.FloatRange(min=0), "On SIGTERM/SIGINT, seconds running handlers "
+        "grace_period", float, "On SIGTERM/SIGINT, seconds running handlers "
         "get to finish.",
     ),
     _Option(
-        "consumer_timeout", _SECONDS, "The broker's consumer_timeout in seconds (RabbitMQ "
+        "consumer_timeout", float, "The broker's consumer_timeout in seconds (RabbitMQ "
         "default 1800); prefetched messages that wait half of it unstarted go back to the queue.",
     ),
     _Option(
@@ -118,12 +139,12 @@ _WORKER = (
         "messages are kept.  (~/.local/state/steadyrabbit when unset)", metavar="DIR",
     ),
     _Option(
-        "processes", click.IntRange(1, 1024), "Run N worker processes, each with its own "
+        "processes", int, "Run N worker processes, each with its own "
         "connection, under a supervisor that restarts one that dies and passes SIGTERM/SIGINT "
         "on (signal the supervisor only; systemd: KillMode=mixed).", metavar="N",
     ),
     _Option(
-        "metrics_port", click.IntRange(0, 65535), "Serve Prometheus /metrics, /healthz, "
+        "metrics_port", int, "Serve Prometheus /metrics, /healthz, "
         "/readyz, /status.json and a status page (/) over HTTP on this port (0: a free port, "
         "logged); with --processes N, worker i on PORT+i.  Off when unset.", metavar="PORT",
     ),
@@ -145,37 +166,37 @@ _WORKER = (
         "alert_webhook_url", str, "POST alerts as JSON to this URL.", metavar="URL",
     ),
     _Option(
-        "alert_group_wait", _SECONDS, "Seconds to collect alerts of a new kind before "
+        "alert_group_wait", float, "Seconds to collect alerts of a new kind before "
         "sending them as one.", metavar="SECONDS",
     ),
     _Option(
-        "alert_repeat_interval", _SECONDS, "After an alert, the same kind is held back this "
+        "alert_repeat_interval", float, "After an alert, the same kind is held back this "
         "many seconds and then reported once with its count.", metavar="SECONDS",
     ),
     _Option(
-        "alert_reconnect_threshold", click.IntRange(min=1), "Alert when one connection is lost "
+        "alert_reconnect_threshold", int, "Alert when one connection is lost "
         "this many times within --alert-reconnect-window.", metavar="N",
     ),
     _Option(
-        "alert_reconnect_window", _SECONDS, "The time window of --alert-reconnect-threshold.",
+        "alert_reconnect_window", float, "The time window of --alert-reconnect-threshold.",
         metavar="SECONDS",
     ),
     _Option(
-        "alert_stuck_after", _SECONDS, "Alert when a handler runs longer than this many "
+        "alert_stuck_after", float, "Alert when a handler runs longer than this many "
         "seconds.  (half the consumer timeout when unset)", metavar="SECONDS",
     ),
     _Option(
-        "alert_body_chars", click.IntRange(min=10), "How much of a message body an alert "
+        "alert_body_chars", int, "How much of a message body an alert "
         "shows.", metavar="N",
     ),
 )
 _WINDOW = (
     _Option(
-        "concurrency", click.IntRange(1, 65535), "Messages handled at once (for the relay: "
+        "concurrency", int, "Messages handled at once (for the relay: "
         "requests in flight).",
     ),
     _Option(
-        "prefetch", click.IntRange(1, 65535), "Messages the broker may send ahead.  (the "
+        "prefetch", int, "Messages the broker may send ahead.  (the "
         "concurrency when unset; never unlimited)",
     ),
 )
@@ -184,9 +205,9 @@ _RELAY = (
         "exchange", str, "Bind QUEUE to this exchange (declared durable topic if missing).",
     ),
     _Option("routing_key", str, "Routing key of the binding (with --exchange)."),
-    _Option("http_timeout", _SECONDS, "HTTP timeout in seconds.", aliases=("--timeout",)),
+    _Option("http_timeout", float, "HTTP timeout in seconds.", aliases=("--timeout",)),
     _Option(
-        "max_attempts", click.IntRange(min=1), "Attempts per message (the first included) "
+        "max_attempts", int, "Attempts per message (the first included) "
         "before it is dead-lettered.",
     ),
     _Option(
@@ -201,7 +222,7 @@ _RELAY = (
 )
 _DOCTOR = (
     _Option(
-        "handler_seconds", _SECONDS, "How long a handler takes (expected or worst case), "
+        "handler_seconds", float, "How long a handler takes (expected or worst case), "
         "checked against --consumer-timeout with the prefetch.", metavar="S",
     ),
     _Option(
@@ -209,7 +230,7 @@ _DOCTOR = (
         "broker URL's credentials when unset)", metavar="URL",
     ),
 )
-_TOP = (_Option("interval", _SECONDS, "Seconds between refreshes.", metavar="SECONDS"),)
+_TOP = (_Option("interval", float, "Seconds between refreshes.", metavar="SECONDS"),)
 
 
 _Command = Callable[..., None]
@@ -228,7 +249,11 @@ def _configured(*groups: tuple[_Option, ...]) -> Callable[[_Command], _Command]:
                 value = kwargs.pop(option.key)
                 if value is not None and value != ():
                     given[option.key] = value
-            config = load_config(given, config_file)
+            try:
+                config = load_config(given, config_file)
+            except ConfigurationError as exc:
+                # A usage error of this command, with the pointer to its --help.
+                raise click.UsageError(str(exc), click.get_current_context()) from None
             _configure_logging(config.log_level, config.log_format)
             fn(*args, config=config, **kwargs)
 
