@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import email.utils
 import functools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -23,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -271,6 +274,11 @@ async def test_dead_letters_with_one_error_send_one_mail_and_one_post_per_group(
     mail = mailbox.mails[0]
     assert mailbox.logins == [(SMTP_USER, SMTP_PASSWORD)]
     assert mail["To"] == "ops@example.test, oncall@example.test"
+    assert mail["Date"] is not None, "RFC 5322 requires a Date header"
+    sent_at = email.utils.parsedate_to_datetime(str(mail["Date"]))
+    assert sent_at.tzinfo is not None
+    assert abs((datetime.now(UTC) - sent_at).total_seconds()) < 60
+    assert re.fullmatch(r"<[^<>@\s]+@[^<>@\s]+>", str(mail["Message-ID"])), mail["Message-ID"]
     assert "dead_lettered" in mail["Subject"]
     text = mail.get_content()
     assert f"queue '{queue_name}'" in text

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import make_msgid
+from email.utils import formatdate, make_msgid
 from time import monotonic, time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -593,6 +593,9 @@ class Alerter:
         message["Subject"] = self._subject(payload)
         message["From"] = alerts.email_from
         message["To"] = ", ".join(alerts.email_to)
+        # RFC 5322 requires Date; without it, spam filters score the mail and clients sort it
+        # wherever they like.
+        message["Date"] = formatdate(usegmt=True)
         message["Message-ID"] = make_msgid(domain=self._host or None)
         message.set_content(_email_text(payload))
         await asyncio.to_thread(self._send_email_blocking, message)
