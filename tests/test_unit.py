@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import random
 from datetime import UTC, datetime
+from email.utils import format_datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from steadyrabbit import App, ConfigurationError, RetryPolicy, Settings, mask_url, parse_url
@@ -221,6 +222,28 @@ def test_retry_after_header() -> None:
     assert retry_after("soon", now=now) is None
     assert retry_after(None) is None
     assert retry_after("99999999") == 86400
+
+
+@pytest.mark.parametrize(
+    "value", ["²", "\u0661\u0662", "\uff11\uff12", "12.5", "-1", "+3", "1e3", "0x10", "1 2", ""]
+)
+def test_retry_after_takes_only_ascii_digits_as_delta_seconds(value: str) -> None:
+    # RFC 9110: delta-seconds = 1*DIGIT, and DIGIT is ASCII; str.isdigit() also takes "²".
+    assert retry_after(value) is None
+
+
+@given(value=st.text() | st.from_regex(r"\A\s*[0-9]{1,12}\s*\Z") | st.builds(
+    format_datetime,
+    st.datetimes(timezones=st.just(UTC)),
+    usegmt=st.just(True),
+))
+@example(value="²")
+@example(value="9" * 5000)
+@example(value="Fri, 31 Dec 9999 23:59:59 -2359")
+@example(value="Mon, 01 Jan 0001 00:00:00 +2359")
+def test_retry_after_never_raises_and_stays_within_a_day(value: str) -> None:
+    seconds = retry_after(value)
+    assert seconds is None or 0.0 <= seconds <= 86_400.0
 
 
 def test_attempt_header_parsing_and_stripping() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -15,6 +16,8 @@ from ._url import mask_url
 
 _BODY_EXCERPT = 200
 _MAX_RETRY_AFTER = 86_400.0
+# RFC 9110 delta-seconds: ASCII digits only (str.isdigit() also takes "²" and "٣").
+_DELTA_SECONDS = re.compile(r"[0-9]+")
 
 
 def _retryable(status: int) -> bool:
@@ -28,7 +31,7 @@ def retry_after(value: str | None, *, now: datetime | None = None) -> float | No
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         return min(float(value), _MAX_RETRY_AFTER)
     try:
         when = parsedate_to_datetime(value)
