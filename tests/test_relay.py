@@ -1,7 +1,8 @@
 """End to end: `steadyrabbit relay` as a real subprocess, the local broker, a local web service.
 
 The web service is a ``ThreadingHTTPServer`` in this process; what it does depends on the path
-(``/ok``, ``/slow``, ``/fail``, ``/hang``, ``/notfound``). It records every request and wakes
+(``/ok``, ``/slow``, ``/fail``, ``/hang``, ``/drip``, ``/notfound``; a query string does not
+change it). It records every request and wakes
 the test through a condition variable when requests arrive, so no test sleeps to wait for
 something to happen; broker state is polled with ``eventually``.
 
@@ -24,8 +25,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BufferedIOBase
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 import pytest
@@ -37,6 +40,10 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_SECONDS = 2.0
 HANG_SECONDS = 120.0  # /hang holds the request this long, unless released at teardown
+# /drip answers 200 at once, then its body one byte every DRIP_INTERVAL: no single read waits
+# long, the whole answer takes DRIP_BYTES * DRIP_INTERVAL seconds.
+DRIP_INTERVAL = 0.5
+DRIP_BYTES = 12
 
 REASON = "x-steadyrabbit-reason"
 EXCEPTION = "x-steadyrabbit-exception"
@@ -145,7 +152,16 @@ class WebService:
         if path == "/hang":
             self._release.wait(HANG_SECONDS)
             return 200, b"too late"
+        if path == "/drip":
+            return 200, b"d" * DRIP_BYTES
         return 404, b"no such thing here"
+
+    def _drip(self, out: BufferedIOBase, text: bytes) -> None:
+        for index in range(len(text)):
+            if self._release.wait(DRIP_INTERVAL):
+                return
+            out.write(text[index : index + 1])
+            out.flush()
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         service = self
@@ -157,14 +173,18 @@ class WebService:
                 headers = {name.lower(): value for name, value in self.headers.items()}
                 service._arrived(Received(self.path, headers, body))
                 try:
-                    status, text = service._answer(self.path)
+                    route = urlsplit(self.path).path
+                    status, text = service._answer(route)
                     self.send_response(status)
                     if status == 503:
                         self.send_header("Retry-After", "1")
                     self.send_header("Content-Type", "text/plain")
                     self.send_header("Content-Length", str(len(text)))
                     self.end_headers()
-                    self.wfile.write(text)
+                    if route == "/drip":
+                        service._drip(self.wfile, text)
+                    else:
+                        self.wfile.write(text)
                 except OSError:
                     pass  # the relay gave up on this request (timeout, killed)
                 finally:
@@ -615,4 +635,36 @@ async def test_a_client_error_is_not_retried(
     assert len(web.requests) == 1
     [(props, _)] = admin.drain(f"{queue_name}.dlq")
     assert (props.headers or {})["x-steadyrabbit-attempts"] == 1
+    assert_clean(relay)
+
+
+async def test_the_timeout_bounds_the_whole_request_not_each_read(
+    admin: Admin, queue_name: str, web: WebService, start_relay: StartRelay
+) -> None:
+    """/drip never lets one read wait 1 s but takes 6 s in all: --timeout 1 gives up after
+    about 1 s on each attempt, and the message is retried, then dead-lettered as timed out."""
+    declare(admin, queue_name)
+    admin.publish(queue_name, [b"slow drip"])
+    drip_total = DRIP_BYTES * DRIP_INTERVAL
+
+    relay = start_relay(
+        queue_name, web.url("/drip"), "--timeout", "1", "--max-attempts", "2",
+        "--retry-delay", "0.1",
+    )  # fmt: skip
+    first, second = await requests(web, 2, within=drip_total + 10)
+    await eventually(
+        lambda: ready(admin, f"{queue_name}.dlq") == 1, within=drip_total, what="the dead letter"
+    )
+    gave_up_at = time.monotonic()
+    assert await relay.stop() == 0, relay.output
+
+    assert second.arrived_at - first.arrived_at < 3, "the first attempt held its slot too long"
+    assert gave_up_at - second.arrived_at < 3, "the second attempt held its slot too long"
+    [(props, body)] = admin.drain(f"{queue_name}.dlq")
+    assert body == b"slow drip"
+    reason = text((props.headers or {})[REASON])
+    assert reason.startswith("gave up after 2 attempts: POST "), reason
+    assert "timed out after 1 s" in reason, reason
+    assert ready(admin, queue_name) == 0
+    admin.delete(f"{queue_name}.retry.100ms")
     assert_clean(relay)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -48,6 +49,7 @@ class RelayHandler:
 
     2xx acks; 408, 429, 5xx, a timeout or a connection error retries later (honouring
     ``Retry-After``); any other answer dead-letters with the status and the start of the body.
+    ``timeout`` bounds the whole request: connecting, sending and reading the full response.
     """
 
     def __init__(self, target: str, *, timeout: float) -> None:
@@ -67,8 +69,13 @@ class RelayHandler:
         if message.message_id:
             headers["X-Message-Id"] = message.message_id
         try:
-            response = await self._client.post(self.target, content=message.body, headers=headers)
-        except httpx.TimeoutException as exc:
+            # httpx's timeout limits each read, so a target that drips its answer could hold
+            # the slot for ever; this one limits the request as a whole.
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.post(
+                    self.target, content=message.body, headers=headers
+                )
+        except (TimeoutError, httpx.TimeoutException) as exc:
             raise Retry(
                 f"POST {self._shown} timed out after {self._timeout:g} s ({type(exc).__name__})"
             ) from exc
