@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import pika
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from steadyrabbit import (
     App,
     AuthenticationError,
     BrokerUnreachableError,
+    ConfigurationError,
     Message,
     Reject,
     RetryPolicy,
@@ -405,3 +410,113 @@ def test_coalesced_acks_never_cover_a_running_message_nor_wait_for_it(
 
     asyncio.run(scenario())
     assert admin.counts(queue_name) == (0, 0)
+
+
+def test_several_routing_keys_fanout_and_headers_exchanges_are_bound(
+    queue_name: str, admin: Admin
+) -> None:
+    """Issue 8.7: ``routing_key=[...]`` crashed the worker with pika tracebacks. Now each key is
+    bound; a fanout exchange binds without a key, a headers exchange with bind arguments."""
+    topic, fanout, headers = (f"{queue_name}-{kind}" for kind in ("topic", "fanout", "headers"))
+    queues = {kind: f"{queue_name}-{kind}" for kind in ("topic", "fanout", "headers")}
+    app = App()
+    seen: dict[str, list[bytes]] = {kind: [] for kind in queues}
+
+    def record(kind: str) -> Callable[[Message], Awaitable[None]]:
+        async def handle(message: Message) -> None:
+            seen[kind].append(message.body)
+
+        return handle
+
+    app.add_consumer(
+        record("topic"), queues["topic"], exchange=topic, routing_key=["order.created", "bill.*"]
+    )
+    app.add_consumer(record("fanout"), queues["fanout"], exchange=fanout, exchange_type="fanout")
+    app.add_consumer(
+        record("headers"), queues["headers"], exchange=headers, exchange_type="headers",
+        bind_arguments={"x-match": "all", "kind": "order"},
+    )
+
+    def publish(exchange: str, key: str, body: bytes, **headers: str) -> None:
+        admin.publish(
+            "", [body], exchange=exchange, routing_key=key,
+            properties=pika.BasicProperties(delivery_mode=2, headers=headers or None),
+        )
+
+    async def scenario() -> None:
+        async with Worker(app, settings()) as worker:
+            await admin.run(publish, topic, "order.created", b"t1")
+            await admin.run(publish, topic, "bill.sent", b"t2")
+            await admin.run(publish, topic, "other.key", b"not routed")
+            await admin.run(publish, fanout, "anything", b"f1")
+            await admin.run(publish, headers, "", b"h1", kind="order")
+            await admin.run(publish, headers, "", b"not matched", kind="bill")
+            await eventually(lambda: worker.stats.acked == 4, what="four messages")
+            await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(scenario())
+        assert sorted(seen["topic"]) == [b"t1", b"t2"]
+        assert seen["fanout"] == [b"f1"]
+        assert seen["headers"] == [b"h1"]
+    finally:
+        admin.delete(*queues.values(), *(f"{q}.dlq" for q in queues.values()))
+        for exchange in (topic, fanout, headers):
+            admin.delete_exchange(exchange)
+
+
+@given(
+    routing_key=st.one_of(
+        st.none(),
+        st.text(max_size=5),
+        st.lists(st.text(max_size=5), max_size=3),
+        st.lists(st.one_of(st.integers(), st.none(), st.binary(max_size=3)), min_size=1),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        st.integers(),
+        st.binary(max_size=5),
+    ),
+    exchange_type=st.sampled_from(["topic", "direct", "fanout", "headers"]),
+    bind_arguments=st.one_of(st.none(), st.just({"x-match": "any", "k": "v"})),
+)
+def test_any_routing_key_value_is_accepted_or_refused_in_one_sentence(
+    routing_key: object, exchange_type: str, bind_arguments: dict[str, str] | None
+) -> None:
+    """Registration either accepts the binding or raises ConfigurationError with one line."""
+    app = App()
+    try:
+        spec = app.add_consumer(
+            lambda message: None, "q", exchange="x", exchange_type=exchange_type,
+            routing_key=routing_key,  # type: ignore[arg-type]
+            bind_arguments=bind_arguments,
+        )
+    except ConfigurationError as exc:
+        refusal = str(exc)
+        assert "\n" not in refusal
+        return
+    assert spec.routing_keys
+    assert all(isinstance(key, str) for key in spec.routing_keys)
+
+
+def test_abort_starts_no_prefetched_message(queue_name: str, admin: Admin) -> None:
+    """Issue 8.9: after Worker.abort() (a fatal error, or leaving ``async with`` by an
+    exception) prefetched messages still started, ran, and ran again after redelivery."""
+    admin.declare(queue_name)
+    admin.publish(queue_name, [b"1", b"2", b"3"])
+    app = App()
+    started: list[bytes] = []
+
+    @app.consumer(queue_name, concurrency=1, prefetch=3)
+    async def handle(message: Message) -> None:
+        started.append(message.body)
+        await asyncio.Event().wait()  # runs until cancelled
+
+    async def scenario() -> None:
+        with contextlib.suppress(RuntimeError):
+            async with Worker(app, settings()) as worker:
+                await eventually(lambda: worker.consumers[0].waiting == 2, what="two prefetched")
+                raise RuntimeError("leaving the block by an exception aborts")
+        await asyncio.sleep(0.5)  # a prefetched message would have started by now
+
+    asyncio.run(scenario())
+    assert started == [b"1"]
+    assert admin.counts(queue_name) == (3, 0)

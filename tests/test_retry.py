@@ -257,7 +257,7 @@ def test_a_handler_that_kills_its_process_every_time_ends_in_the_dead_letter_que
     [(props, body)] = admin.drain(f"{queue_name}.dlq")
     assert body == b"poison pill"
     reason = (props.headers or {})["x-steadyrabbit-reason"]
-    assert "delivered 3 times without being settled" in str(reason)
+    assert "started 3 times without finishing" in str(reason)
     assert handled_fine(log)
     assert admin.counts(queue_name) == (0, 0)
     admin.delete(f"{queue_name}.retry.100ms")

@@ -13,7 +13,7 @@ import itertools
 import ssl
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import pika
@@ -31,6 +31,8 @@ from ._errors import (
     ChannelClosedError,
     ClosedByUserError,
     ConnectionLostError,
+    MessageReturnedError,
+    PublishRefusedError,
     SteadyRabbitError,
 )
 from ._headers import PUBLISH_ID
@@ -362,10 +364,20 @@ class AmqpChannel:
         )
         return int(frame.method.message_count), int(frame.method.consumer_count)
 
-    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+    async def bind_queue(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
         await self._rpc(
             lambda cb: self.raw.queue_bind(
-                queue=queue, exchange=exchange, routing_key=routing_key, callback=cb
+                queue=queue,
+                exchange=exchange,
+                routing_key=routing_key,
+                arguments=None if arguments is None else dict(arguments),
+                callback=cb,
             )
         )
 
@@ -488,7 +500,10 @@ class AmqpChannel:
                     future.set_result(None)
                 else:
                     future.set_exception(
-                        ConnectionLostError("the broker refused the message (basic.nack)")
+                        PublishRefusedError(
+                            "the broker refused the message (basic.nack: a full queue that "
+                            "rejects publishes, or an internal error)"
+                        )
                     )
 
     def _on_return(
@@ -502,7 +517,7 @@ class AmqpChannel:
         future = self._returned.pop(str(publish_id), None)
         if future is not None and not future.done():
             future.set_exception(
-                ChannelClosedError(method.reply_code or 0, f"message returned: {method.reply_text}")
+                MessageReturnedError(method.reply_code or 0, str(method.reply_text))
             )
 
     async def publish_confirmed(
@@ -514,7 +529,9 @@ class AmqpChannel:
     ) -> None:
         """Publish as mandatory on a confirm channel; return once the broker has confirmed it.
 
-        Raises if the broker nacks it, returns it as unroutable, or the channel closes first.
+        Raises :class:`PublishRefusedError` if the broker nacks it, or closes the channel
+        with 403 or 406 because of it; :class:`MessageReturnedError` if no queue matched it;
+        what the channel closed with if it closes first.
         """
         if self.closed.done():
             raise self.closed.result()
@@ -541,6 +558,15 @@ class AmqpChannel:
                 returned.result()
         except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError):
             raise ConnectionLostError("channel is not open") from None
+        except ChannelClosedError as exc:
+            if exc.reply_code in (ACCESS_REFUSED, PRECONDITION_FAILED):
+                # A refusal of this message (a foreign user_id, a header the broker cannot
+                # route by, no write permission): the same publish would fail the same way.
+                raise PublishRefusedError(
+                    f"the broker refused the message: {exc.reply_code} {exc.reply_text}",
+                    reply_code=exc.reply_code,
+                ) from exc
+            raise
         finally:
             self._returned.pop(publish_id, None)
             if not returned.done():

@@ -6,12 +6,14 @@ import asyncio
 import functools
 import inspect
 import json
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, HandlerExit
 from ._message import Message
 from ._retry import RetryPolicy
 
@@ -31,7 +33,7 @@ _DECODERS: dict[str, Decoder] = {
 class _ThreadedHandler:
     """A sync handler, made awaitable once at registration: it runs in a bounded thread pool.
 
-    The pool is created when a worker starts and shut down when it stops, so an app can be run
+    The pool is opened when a worker starts and closed when it stops, so an app can be run
     more than once (tests, embedding).
     """
 
@@ -39,20 +41,114 @@ class _ThreadedHandler:
         self.fn = fn
         self._threads = threads
         self._queue = queue
-        self._executor: ThreadPoolExecutor | None = None
+        self._pool: _HandlerThreads | None = None
 
     def open(self) -> None:
-        self._executor = ThreadPoolExecutor(
-            self._threads, thread_name_prefix=f"steadyrabbit[{self._queue}]"
-        )
+        self._pool = _HandlerThreads(self.fn, self._threads, f"steadyrabbit[{self._queue}]")
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def __call__(self, message: Message) -> Awaitable[Any]:
-        return asyncio.get_running_loop().run_in_executor(self._executor, self.fn, message)
+        if self._pool is None:
+            raise RuntimeError(f"the handler threads of {self._queue!r} are not open")
+        loop = asyncio.get_running_loop()
+        return asyncio.wrap_future(self._pool.submit(message), loop=loop)
+
+
+class _HandlerThreads:
+    """Up to ``size`` daemon threads that run ``fn``, started as needed and then reused.
+
+    Not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so a handler
+    stuck forever would keep the process alive after a fatal error or a forced stop. A daemon
+    thread is left behind instead; its message, never acked, is redelivered by the broker.
+    """
+
+    def __init__(self, fn: SyncHandler, size: int, name: str) -> None:
+        self._fn = fn
+        self._size = size
+        self._name = name
+        self._jobs: SimpleQueue[tuple[Future[Any], Message] | None] = SimpleQueue()
+        self._idle = threading.Semaphore(0)  # released by a thread each time it waits for work
+        self._started = 0
+        self._closed = False
+
+    def submit(self, message: Message) -> Future[Any]:
+        if self._closed:
+            raise RuntimeError(f"{self._name}: the handler threads are closed")
+        future: Future[Any] = Future()
+        self._jobs.put((future, message))
+        if not self._idle.acquire(blocking=False) and self._started < self._size:
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}_{self._started}", daemon=True
+            )
+            thread.start()
+            self._started += 1
+        return future
+
+    def close(self) -> None:
+        """Cancel what has not started; each thread ends once it is done with its message."""
+        self._closed = True
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in range(self._started):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._run(*job)
+            del job  # holds no message while idle
+            self._idle.release()
+
+    def _run(self, future: Future[Any], message: Message) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = _call_sync(self._fn, message)
+        except Exception as exc:  # noqa: BLE001 - the handler's failure, for its message
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+
+def _call_sync(fn: SyncHandler, message: Message) -> Any:
+    """``fn(message)``, with SystemExit, KeyboardInterrupt and the like raised by the handler
+    turned into a :class:`HandlerExit`, a failure of the message like any other.
+
+    In a handler thread none of them is ever a real Ctrl-C or exit: signals reach only the main
+    thread, and a thread's SystemExit would not end the process anyway.
+    """
+    try:
+        return fn(message)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            raise
+        raise HandlerExit(exc) from exc
+
+
+def _exits_as_failures(fn: AsyncHandler) -> AsyncHandler:
+    """Wrap an async handler so that a SystemExit it raises fails its message instead of
+    leaving the event loop (asyncio re-raises SystemExit out of the loop, stopping the worker).
+
+    KeyboardInterrupt is left alone: on the event loop's thread it may be a real Ctrl-C. So is
+    asyncio.CancelledError: that is the worker cancelling the handler.
+    """
+
+    @functools.wraps(fn)
+    async def handler(message: Message) -> Any:
+        try:
+            return await fn(message)
+        except SystemExit as exc:
+            raise HandlerExit(exc) from exc
+
+    return handler
 
 
 @dataclass(frozen=True)
@@ -66,10 +162,14 @@ class HandlerSpec:
     prefetch: int
     exchange: str | None
     exchange_type: str
-    routing_key: str | None
+    routing_keys: tuple[str, ...]
+    bind_arguments: Mapping[str, Any] | None
     decode: Decoder | None
     retry: RetryPolicy
     queue_type: str
+    #: As registered; None where the consumer left it to the defaults (App.apply_defaults).
+    own_concurrency: int | None = None
+    own_prefetch: int | None = None
 
     @property
     def name(self) -> str:
@@ -100,6 +200,7 @@ class App:
         self.queue_type = queue_type
         self._specs: list[HandlerSpec] = []
         self._shutdown_hooks: list[Hook] = []
+        self._window_defaults: tuple[int | None, int | None] = (None, None)
 
     @property
     def handlers(self) -> tuple[HandlerSpec, ...]:
@@ -113,11 +214,12 @@ class App:
         self,
         queue: str,
         *,
-        concurrency: int = 1,
+        concurrency: int | None = None,
         prefetch: int | None = None,
         exchange: str | None = None,
         exchange_type: str = "topic",
-        routing_key: str | None = None,
+        routing_key: str | Sequence[str] | None = None,
+        bind_arguments: Mapping[str, Any] | None = None,
         decode: str | Decoder | None = None,
         retry: RetryPolicy | None = None,
         queue_type: str | None = None,
@@ -126,10 +228,16 @@ class App:
 
         ``concurrency`` handlers run at once (threads for a sync function, tasks for an async
         one). ``prefetch`` defaults to ``concurrency`` so no message waits unstarted in this
-        process; a larger value is an explicit choice and can never be unlimited.
-        With ``exchange`` and ``routing_key`` the queue is bound to that exchange (declared
-        durable, of ``exchange_type``, if missing). ``decode`` ("json", "text" or a callable)
-        turns the body into ``message.payload``; a body that fails to decode is dead-lettered.
+        process; a larger value is an explicit choice and can never be unlimited. Left out
+        (None), they take the defaults of :meth:`apply_defaults` (``steadyrabbit run
+        --concurrency/--prefetch``, from the flags, the environment or the config file), else
+        concurrency 1 and prefetch = concurrency.
+        With ``exchange`` the queue is bound to that exchange (declared durable, of
+        ``exchange_type``, if missing): once per ``routing_key`` (one or a list) for a topic or
+        direct exchange; once, with no key, for a fanout exchange; with ``bind_arguments``
+        (``{"x-match": "all", "type": "order"}``) for a headers exchange.
+        ``decode`` ("json", "text" or a callable) turns the body into ``message.payload``; a
+        body that fails to decode is dead-lettered.
         ``retry`` (default: the app's) decides how failures are retried; ``queue_type``
         ("classic" or "quorum", default: the app's) is the type of the retry and dead-letter
         queues, and of the consumed queue if it has to be created.
@@ -144,6 +252,7 @@ class App:
                 exchange=exchange,
                 exchange_type=exchange_type,
                 routing_key=routing_key,
+                bind_arguments=bind_arguments,
                 decode=decode,
                 retry=retry,
                 queue_type=queue_type,
@@ -157,11 +266,12 @@ class App:
         fn: Callable[[Message], Any],
         queue: str,
         *,
-        concurrency: int = 1,
+        concurrency: int | None = None,
         prefetch: int | None = None,
         exchange: str | None = None,
         exchange_type: str = "topic",
-        routing_key: str | None = None,
+        routing_key: str | Sequence[str] | None = None,
+        bind_arguments: Mapping[str, Any] | None = None,
         decode: str | Decoder | None = None,
         retry: RetryPolicy | None = None,
         queue_type: str | None = None,
@@ -171,25 +281,13 @@ class App:
             raise ConfigurationError("a queue name must be 1 to 250 bytes long")
         if any(spec.queue == queue for spec in self._specs):
             raise ConfigurationError(f"queue {queue!r} already has a handler")
-        if not 1 <= concurrency <= _MAX_WINDOW:
-            raise ConfigurationError(f"concurrency must be between 1 and {_MAX_WINDOW}")
-        if prefetch is None:
-            prefetch = concurrency
-        if prefetch == 0:
-            raise ConfigurationError(
-                "prefetch 0 means unlimited, which steadyrabbit never allows: "
-                "the broker would push the whole backlog into one slow consumer"
-            )
-        if not concurrency <= prefetch <= _MAX_WINDOW:
-            raise ConfigurationError(
-                f"prefetch must be between the concurrency ({concurrency}) and {_MAX_WINDOW}"
-            )
-        if (exchange is None) != (routing_key is None):
-            raise ConfigurationError("give both an exchange and a routing key, or neither")
+        own_concurrency, own_prefetch = concurrency, prefetch
+        concurrency, prefetch = _window(queue, concurrency, prefetch, *self._window_defaults)
         if exchange == "":
             raise ConfigurationError("the default exchange cannot be bound; omit the exchange")
         if exchange_type not in {"topic", "direct", "fanout", "headers"}:
             raise ConfigurationError(f"unknown exchange type {exchange_type!r}")
+        routing_keys = _routing_keys(queue, exchange, exchange_type, routing_key, bind_arguments)
         if isinstance(decode, str):
             if decode not in _DECODERS:
                 raise ConfigurationError(
@@ -202,7 +300,7 @@ class App:
             _check_queue_type(queue_type)
         handler: AsyncHandler
         if inspect.iscoroutinefunction(fn):
-            handler = fn
+            handler = _exits_as_failures(fn)
         else:
             handler = _ThreadedHandler(fn, concurrency, queue)
         spec = HandlerSpec(
@@ -213,18 +311,142 @@ class App:
             prefetch=prefetch,
             exchange=exchange,
             exchange_type=exchange_type,
-            routing_key=routing_key,
+            routing_keys=routing_keys,
+            bind_arguments=None if bind_arguments is None else dict(bind_arguments),
             decode=decode,
             retry=retry or self.retry,
             queue_type=queue_type or self.queue_type,
+            own_concurrency=own_concurrency,
+            own_prefetch=own_prefetch,
         )
         self._specs.append(spec)
         return spec
+
+    def apply_defaults(
+        self, *, concurrency: int | None = None, prefetch: int | None = None
+    ) -> None:
+        """Make ``concurrency`` and ``prefetch`` the defaults of every consumer registered
+        (before or after) without a value of its own; None: no default (1, and prefetch =
+        concurrency). ``steadyrabbit run`` calls this with its ``--concurrency`` and
+        ``--prefetch`` (or their variables or config-file keys) before it starts the worker.
+
+        Raises :class:`ConfigurationError` (and changes nothing) when a default does not fit a
+        consumer: a default prefetch below a consumer's own concurrency, say.
+        """
+        specs = []
+        for spec in self._specs:
+            threads, window = _window(
+                spec.queue, spec.own_concurrency, spec.own_prefetch, concurrency, prefetch
+            )
+            handler = spec.handler
+            if spec.threaded is not None and threads != spec.concurrency:
+                handler = _ThreadedHandler(spec.function, threads, spec.queue)
+            specs.append(replace(spec, handler=handler, concurrency=threads, prefetch=window))
+        self._specs[:] = specs
+        self._window_defaults = (concurrency, prefetch)
 
     def on_shutdown(self, hook: Hook) -> Hook:
         """Run ``await hook()`` after the last handler finished, before the connection closes."""
         self._shutdown_hooks.append(hook)
         return hook
+
+
+def _routing_keys(
+    queue: str,
+    exchange: str | None,
+    exchange_type: str,
+    routing_key: object,
+    bind_arguments: Mapping[str, Any] | None,
+) -> tuple[str, ...]:
+    """The routing keys to bind ``queue`` with, checked: one sentence for any misuse."""
+    if exchange is None:
+        if routing_key is not None or bind_arguments is not None:
+            raise ConfigurationError(
+                f"queue {queue!r}: a routing key or bind arguments need an exchange to bind to"
+            )
+        return ()
+    if isinstance(routing_key, str):
+        keys: tuple[str, ...] = (routing_key,)
+    elif routing_key is None:
+        keys = ()
+    elif isinstance(routing_key, list | tuple) and all(isinstance(k, str) for k in routing_key):
+        keys = tuple(dict.fromkeys(routing_key))  # each binding once, in the order given
+    else:
+        raise ConfigurationError(
+            f"queue {queue!r}: routing_key must be a string or a list of strings, "
+            f"not {type(routing_key).__name__}"
+        )
+    if any(len(key.encode()) > 255 for key in keys):
+        raise ConfigurationError(f"queue {queue!r}: a routing key is at most 255 bytes long")
+    if bind_arguments is not None and not isinstance(bind_arguments, Mapping):
+        raise ConfigurationError(f"queue {queue!r}: bind_arguments must be a mapping")
+    if exchange_type in {"topic", "direct"}:
+        if not keys:
+            raise ConfigurationError(
+                f"queue {queue!r}: binding to the {exchange_type} exchange {exchange!r} "
+                "needs a routing key (one or a list)"
+            )
+        return keys
+    if keys:
+        # The broker would accept and ignore them: say so instead of binding what never matches.
+        raise ConfigurationError(
+            f"queue {queue!r}: a {exchange_type} exchange ignores routing keys; "
+            + (
+                "omit routing_key"
+                if exchange_type == "fanout"
+                else "match on headers with bind_arguments={'x-match': 'all', ...}"
+            )
+        )
+    if exchange_type == "headers" and not bind_arguments:
+        raise ConfigurationError(
+            f"queue {queue!r}: binding to the headers exchange {exchange!r} needs "
+            "bind_arguments, e.g. {'x-match': 'all', 'type': 'order'}"
+        )
+    return ("",)
+
+
+def _window(
+    queue: str,
+    concurrency: int | None,
+    prefetch: int | None,
+    default_concurrency: int | None,
+    default_prefetch: int | None,
+) -> tuple[int, int]:
+    """The concurrency and prefetch of the consumer of ``queue`` registered with these (None:
+    not given), with these defaults (None: none); checked, in one sentence."""
+    if concurrency is None and default_concurrency is not None:
+        concurrency = default_concurrency
+        if not 1 <= concurrency <= _MAX_WINDOW:
+            raise ConfigurationError(f"the default concurrency must be between 1 and {_MAX_WINDOW}")
+        if prefetch is not None and prefetch < concurrency:
+            raise ConfigurationError(
+                f"queue {queue!r}: the default concurrency is above its own prefetch "
+                f"({prefetch}); give that consumer a concurrency of its own, or lower the default"
+            )
+    concurrency = 1 if concurrency is None else concurrency
+    if not 1 <= concurrency <= _MAX_WINDOW:
+        raise ConfigurationError(f"concurrency must be between 1 and {_MAX_WINDOW}")
+    if prefetch is None and default_prefetch is not None:
+        prefetch = default_prefetch
+        if prefetch == 0 or prefetch > _MAX_WINDOW:
+            raise ConfigurationError(f"the default prefetch must be between 1 and {_MAX_WINDOW}")
+        if prefetch < concurrency:
+            raise ConfigurationError(
+                f"queue {queue!r}: the default prefetch is below its concurrency ({concurrency}); "
+                "give that consumer a prefetch of its own, or raise the default"
+            )
+    if prefetch is None:
+        prefetch = concurrency
+    if prefetch == 0:
+        raise ConfigurationError(
+            "prefetch 0 means unlimited, which steadyrabbit never allows: "
+            "the broker would push the whole backlog into one slow consumer"
+        )
+    if not concurrency <= prefetch <= _MAX_WINDOW:
+        raise ConfigurationError(
+            f"prefetch must be between the concurrency ({concurrency}) and {_MAX_WINDOW}"
+        )
+    return concurrency, prefetch
 
 
 def _check_queue_type(queue_type: str) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from time import monotonic, perf_counter
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 import pika.exceptions
@@ -21,13 +22,15 @@ from . import _headers
 from ._amqp import ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED, AmqpChannel, AmqpConnection
 from ._app import HandlerSpec
 from ._backoff import backoff_delay
-from ._crashlog import CrashLog, default_state_dir, fingerprint
+from ._crashguard import CrashGuard
+from ._crashlog import fingerprint
 from ._errors import (
     AccessRefusedError,
     ChannelClosedError,
     ClosedByUserError,
     ConnectionLostError,
     PermanentBrokerError,
+    PublishRefusedError,
     Reject,
     Retry,
     SteadyRabbitError,
@@ -52,6 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("steadyrabbit")
 
 _MAX_REASON = 1000
+# After an async handler blocked the event loop, how long to let the connection show whether it
+# survived (the broker's close is already waiting in the socket) before settling.
+_STALL_SETTLE = 0.5
 
 
 class Outcome(enum.Enum):
@@ -80,6 +86,7 @@ class Consumer:
         publisher: Publisher,
         settings: Settings,
         stats: Stats,
+        guard: CrashGuard,
         *,
         alerter: Alerter | None = None,
     ) -> None:
@@ -111,7 +118,11 @@ class Consumer:
         self._retry = spec.retry
         self._dead_letter_queue = dead_letter_queue(spec.queue, spec.queue_type)
         self._vhost = settings.addresses[0].vhost
-        self._crash_log_instance: CrashLog | None = None
+        self._guard = guard
+        guard.watch(self)
+        # Copies whose original's channel died before the broker confirmed them, by message
+        # fingerprint: the redelivered original settles by that copy instead of a new one.
+        self._copies: dict[str, _CopyInFlight] = {}
         # The messages between start and settlement, and when each started; kept only with
         # metrics or alerts on (see observe, track_running).
         self._processing: dict[Message, float] | None = None
@@ -190,8 +201,11 @@ class Consumer:
         for delay in spec.retry.delays or ():
             bucket = spec.retry.bucket_ms(delay)
             await declare_own_queue(channel, retry_queue(spec.queue, bucket, spec.queue_type))
-        if spec.exchange is not None and spec.routing_key is not None:
-            await bind_queue(channel, spec.queue, spec.exchange, spec.routing_key)
+        if spec.exchange is not None:
+            for routing_key in spec.routing_keys:
+                await bind_queue(
+                    channel, spec.queue, spec.exchange, routing_key, spec.bind_arguments
+                )
         self._cancelled_by_broker.clear()
         channel.on_broker_cancel(self._on_broker_cancel)
         self._channel = channel
@@ -270,7 +284,7 @@ class Consumer:
         if self._refusing:
             self._requeue(message)
             self._stats.requeued_unstarted += 1
-        elif self._running < self._concurrency:
+        elif self._running < self._concurrency and not self._guard.closed:
             self._start(message)
         else:
             self._waiting.append(message)
@@ -283,82 +297,140 @@ class Consumer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @staticmethod
+    def handler_frames() -> tuple[CodeType, ...]:
+        """The code whose frames run a handler with the message in a local ``message`` (for
+        the loop-lag watchdog)."""
+        return (Consumer._run.__code__,)
+
+    def resume(self) -> None:
+        """Start waiting messages in free slots (the crash guard's gate opened)."""
+        while (
+            self._waiting
+            and self._running < self._concurrency
+            and not self._refusing
+            and not self._guard.closed
+        ):
+            self._start(self._waiting.popleft())
+
     async def _process(self, message: Message) -> None:
         processing = self._processing
         if processing is not None:
             processing[message] = monotonic()
-        crash_key: str | None = None
-        settled = False
         try:
             if message.redelivered:
-                verdict, crash_key = await self._check_crash_loop(message)
-                if verdict is not None:
-                    settled = await self._send_copy(
-                        message, Outcome.DEAD_LETTER, verdict, "CrashLoop"
-                    )
-                    return
-            delay: float | None = None
-            try:
-                if self._decode is not None:
-                    try:
-                        message.payload = self._decode(message.body)
-                    except Exception as exc:
-                        raise Reject(f"undecodable body: {type(exc).__name__}: {exc}") from exc
-                await self._handler(message)
-            except Reject as exc:
-                outcome, reason = Outcome.DEAD_LETTER, exc.reason
-                error_type = _qualified_name(exc.__cause__ or exc)
-            except Retry as exc:
-                outcome, reason, delay = Outcome.RETRY, exc.reason, exc.delay
-                error_type = _qualified_name(exc.__cause__ or exc)
-            except Exception as exc:
-                self._stats.handler_errors += 1
-                reason, error_type = f"{type(exc).__name__}: {exc}", _qualified_name(exc)
-                permanent = self._retry.is_permanent(exc)
-                outcome = Outcome.DEAD_LETTER if permanent else Outcome.RETRY
-                log.warning("handler %s failed on %r", self.spec.name, message, exc_info=True)
+                await self._process_redelivered(message)
             else:
-                settled = self._settle(message, ack=True)
-                return
-            settled = await self._send_copy(message, outcome, reason, error_type, delay)
+                await self._run(message)
         finally:
             if processing is not None:
                 processing.pop(message, None)
-            # Only a settled message is done with; an unsettled one (its channel died, maybe
-            # by the handler's doing) comes back and must find its count.
-            if crash_key is not None and settled:
-                await self._forget_start(crash_key)
             self._running -= 1
-            if self._waiting and not self._refusing:
+            if self._guard.closed:
+                self._guard.finished()
+            elif self._waiting and not self._refusing:
                 self._start(self._waiting.popleft())
 
-    async def _check_crash_loop(self, message: Message) -> tuple[str | None, str | None]:
-        """For a redelivered message: a dead-letter reason if it is in a crash loop, and the key
-        of the start record to delete once it is settled (classic queues)."""
-        limit = self._retry.max_deliveries
-        count = message.properties.headers and message.properties.headers.get(
-            _headers.QUORUM_DELIVERY_COUNT
-        )
-        if isinstance(count, int):  # quorum queue: the broker counts returns
-            if count >= limit:
-                return _crash_reason(count), None
-            return None, None
-        # Classic queue: the first (unrecorded) delivery plus every recorded start.
-        crash_log = self._crash_log()
+    async def _process_redelivered(self, message: Message) -> None:
+        """A redelivery: settle it by a copy already made, or run it counting the start.
+
+        The record of unfinished starts blames only the message that kills the process: one
+        that has an unfinished start runs solo (see :mod:`._crashguard`).
+        """
         key = fingerprint(message, self._vhost)
-        loop = asyncio.get_running_loop()
-        before = await loop.run_in_executor(None, crash_log.record_start, key)
-        if before + 1 >= limit:
-            return _crash_reason(before + 1), key
-        return None, key
+        copy = self._copies.pop(key, None)
+        if copy is not None:
+            await self._settle_by_copy(message, key, copy)
+            return
+        guard = self._guard
+        unfinished = await guard.unfinished(key)
+        if unfinished is None:  # the log failed (logged): handle it as a first delivery
+            await self._run(message)
+            return
+        solo = False
+        if unfinished:
+            if not await guard.solo(self._aged_after, self._stopping):
+                self._requeue(message)  # never started: no record, no blame
+                self._stats.requeued_unstarted += 1
+                return
+            solo = True
+        try:
+            if solo:
+                unfinished = await guard.unfinished(key)
+            starts = (unfinished or 0) + 1  # the first delivery was never recorded
+            if starts >= self._retry.max_deliveries:
+                if await self._send_copy(
+                    message, Outcome.DEAD_LETTER, _crash_reason(starts), "CrashLoop"
+                ):
+                    await guard.forget(key)
+                return
+            await guard.record_start(key)
+            if await self._run(message):
+                await guard.forget(key)
+        finally:
+            if solo:
+                guard.release()
 
-    async def _forget_start(self, key: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._crash_log().forget, key)
+    async def _run(self, message: Message) -> bool:
+        """Run the handler and settle the message by its outcome.
 
-    def _crash_log(self) -> CrashLog:
-        if self._crash_log_instance is None:
-            self._crash_log_instance = CrashLog(self._settings.state_dir or default_state_dir())
-        return self._crash_log_instance
+        True if the handler finished, whatever became of the settlement (an ack dropped because
+        the channel closed on ``consumer_timeout`` is not a crash); False if the run counts as
+        a crash: an async handler blocked the event loop and its connection died of it.
+        """
+        delay: float | None = None
+        try:
+            if self._decode is not None:
+                try:
+                    message.payload = self._decode(message.body)
+                except Exception as exc:
+                    raise Reject(f"undecodable body: {type(exc).__name__}: {exc}") from exc
+            await self._handler(message)
+        except Reject as exc:
+            outcome, reason = Outcome.DEAD_LETTER, exc.reason
+            error_type = _qualified_name(exc.__cause__ or exc)
+        except Retry as exc:
+            outcome, reason, delay = Outcome.RETRY, exc.reason, exc.delay
+            error_type = _qualified_name(exc.__cause__ or exc)
+        except Exception as exc:
+            self._stats.handler_errors += 1
+            reason, error_type = f"{type(exc).__name__}: {exc}", _qualified_name(exc)
+            permanent = self._retry.is_permanent(exc)
+            outcome = Outcome.DEAD_LETTER if permanent else Outcome.RETRY
+            log.warning("handler %s failed on %r", self.spec.name, message, exc_info=True)
+        else:
+            if message.blocked_loop and not await self._survived_stall(message):
+                return False
+            self._settle(message, ack=True)
+            return True
+        if message.blocked_loop and not await self._survived_stall(message):
+            return False
+        await self._send_copy(message, outcome, reason, error_type, delay)
+        return True
+
+    async def _survived_stall(self, message: Message) -> bool:
+        """After its handler blocked the event loop: is the delivering channel still alive?
+
+        A stall past the heartbeat timeout kills the connection, but pika only notices once
+        the loop reads the socket again. Settling at once would count an ack that never
+        reaches the broker as a success and forget the start that killed the connection.
+        """
+        channel = message._channel
+        if not channel.closed.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(channel.closed), _STALL_SETTLE)
+        if not channel.closed.done():
+            return True
+        self._stats.stale_settlements_dropped += 1
+        log.error(
+            "the handler %s blocked the event loop for %.1f s on %r and its connection died of "
+            "it; the broker will redeliver the message, and this start counts toward the "
+            "crash-loop limit",
+            self.spec.name,
+            message.blocked_loop,
+            message,
+        )
+        return False
 
     def _settle(self, message: Message, *, ack: bool, requeue: bool = False) -> bool:
         """Ack (or nack) on the channel that delivered the message, if it is still alive.
@@ -399,19 +471,36 @@ class Consumer:
     ) -> bool:
         """Retry or dead-letter: publish a copy, wait for the broker's confirm, then ack.
 
-        The message is never in zero places; if the delivering channel dies first, the copy
-        is abandoned and the broker's redelivery takes over. True once the original is acked.
+        The message is never in zero places. If the delivering channel dies first, the copy
+        goes on without it and the redelivered original settles by it (no second copy). A
+        retry copy the broker refuses becomes a dead letter; a refused dead letter stops the
+        worker. True once the original is acked.
         """
         channel = message._channel
         if not channel.is_open:
             return self._settle(message, ack=False)  # counts and logs the stale delivery
         reason = reason[:_MAX_REASON]
-        old = message.properties.headers or {}
-        attempts = _headers.attempts(old) + 1
+        attempts = _headers.attempts(message.properties.headers) + 1
         policy = self._retry
         if outcome is Outcome.RETRY and attempts >= policy.max_attempts:
             outcome = Outcome.DEAD_LETTER
             reason = f"gave up after {attempts} attempts: {reason}"[:_MAX_REASON]
+        if outcome is Outcome.RETRY:
+            wait = delay if delay is not None else policy.delay(attempts, random.random)
+            target = retry_queue(self.spec.queue, policy.bucket_ms(wait), self.spec.queue_type)
+        else:
+            target = self._dead_letter_queue
+        properties = self._copy_properties(message, attempts, reason, error_type)
+        publish = asyncio.ensure_future(
+            self._publisher.publish_to_queue(target, message.body, properties)
+        )
+        copy = _CopyInFlight(outcome, target.name, reason, error_type, publish)
+        return await self._settle_by_copy(message, None, copy)
+
+    def _copy_properties(
+        self, message: Message, attempts: int, reason: str, error_type: str
+    ) -> pika.spec.BasicProperties:
+        old = message.properties.headers or {}
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         copy_headers = _headers.without_ours(old)
         copy_headers.update(
@@ -422,52 +511,101 @@ class Consumer:
                 _headers.REASON: reason,
                 _headers.EXCEPTION: error_type,
                 _headers.QUEUE: self.spec.queue,
-                _headers.EXCHANGE: old.get(_headers.EXCHANGE, message.exchange),
-                _headers.ROUTING_KEY: old.get(_headers.ROUTING_KEY, message.routing_key),
+                _headers.EXCHANGE: message.exchange,
+                _headers.ROUTING_KEY: message.routing_key,
             }
         )
-        if outcome is Outcome.RETRY:
-            wait = delay if delay is not None else policy.delay(attempts, random.random)
-            target = retry_queue(self.spec.queue, policy.bucket_ms(wait), self.spec.queue_type)
-        else:
-            target = self._dead_letter_queue
-        copy = persistent_copy(message.properties, copy_headers)
-        publish = asyncio.ensure_future(
-            self._publisher.publish_to_queue(target, message.body, copy)
-        )
-        channel_closed = asyncio.shield(channel.closed)
-        racers: set[asyncio.Future[Any]] = {publish, channel_closed}
-        try:
-            await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            channel_closed.cancel()
-            if not publish.done():
-                publish.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publish
-        if publish.cancelled():
-            return self._settle(message, ack=False)  # the original is back in the queue
-        exc = publish.exception()
-        if isinstance(exc, PermanentBrokerError):
-            # Left unacked, the message comes back when the worker stops on this error.
-            log.error("could not copy %r to %r: %s", message, target.name, exc)
-            if not self._fatal.done():
-                self._fatal.set_result(exc)
+        return persistent_copy(message.properties, copy_headers)
+
+    async def _settle_by_copy(
+        self, message: Message, key: str | None, copy: _CopyInFlight
+    ) -> bool:
+        """Wait for ``copy`` (of this message) to be confirmed, then ack ``message``.
+
+        ``key`` is the message's fingerprint when known. If the channel dies first, the copy is
+        kept for the redelivery; if the broker refused the copy, the message is dead-lettered
+        (a refused retry) or the worker stops (a refused dead letter). True once acked.
+        """
+        channel = message._channel
+        publish = copy.publish
+        if not publish.done():
+            channel_closed = asyncio.shield(channel.closed)
+            racers: set[asyncio.Future[Any]] = {publish, channel_closed}
+            try:
+                await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                channel_closed.cancel()
+        if publish.done():
+            error = None if publish.cancelled() else publish.exception()
+            if isinstance(error, PublishRefusedError):
+                return await self._copy_refused(message, copy, error)
+            if isinstance(error, PermanentBrokerError):
+                log.error("could not copy %r to %r: %s", message, copy.target, error)
+                if not self._fatal.done():
+                    self._fatal.set_result(error)
+                return False
+            if error is not None:
+                raise error
+            if publish.cancelled():
+                return self._settle(message, ack=False)  # the worker is closing
+        if not publish.done() or not self._settle(message, ack=True):
+            # The original is back in the queue; the copy (landed or still on its way) stands
+            # for it: its redelivery is acked by this copy, not copied again.
+            self._keep_copy(key or fingerprint(message, self._vhost), copy)
             return False
-        if exc is not None:
-            raise exc
-        if not self._settle(message, ack=True):
-            return False
-        if outcome is Outcome.RETRY:
+        self._copy_done(message, copy)
+        return True
+
+    def _copy_done(self, message: Message, copy: _CopyInFlight) -> None:
+        if copy.outcome is Outcome.RETRY:
             self.counts.retried += 1
-            log.info("retrying %r via %r (attempt %d failed: %s)", message, target.name,
-                     attempts, reason)
+            log.info("retrying %r via %r (%s)", message, copy.target, copy.reason)
         else:
             self.counts.dead_lettered += 1
-            log.warning("dead-lettered %r to %r: %s", message, target.name, reason)
+            log.warning("dead-lettered %r to %r: %s", message, copy.target, copy.reason)
             if self._alerter is not None:
-                self._alerter.dead_lettered(self.spec.queue, error_type, reason, message.body)
-        return True
+                self._alerter.dead_lettered(
+                    self.spec.queue, copy.error_type, copy.reason, message.body
+                )
+
+    def _keep_copy(self, key: str, copy: _CopyInFlight) -> None:
+        # Bounded: a copy nobody claimed within two consumer_timeouts belongs to an original
+        # that went elsewhere (another worker took the redelivery).
+        now = monotonic()
+        expired = [k for k, c in self._copies.items() if c.kept_at + 4 * self._aged_after < now]
+        for stale in expired:
+            abandoned = self._copies.pop(stale).publish
+            abandoned.cancel()  # its original was settled elsewhere: nothing waits for it
+            abandoned.add_done_callback(_retrieve)
+        copy.kept_at = now
+        self._copies[key] = copy
+
+    async def _copy_refused(
+        self, message: Message, copy: _CopyInFlight, error: PublishRefusedError
+    ) -> bool:
+        if copy.outcome is Outcome.RETRY:
+            log.warning(
+                "the broker refused the retry copy of %r to %r (%s); dead-lettering it instead",
+                message,
+                copy.target,
+                error,
+            )
+            return await self._send_copy(
+                message,
+                Outcome.DEAD_LETTER,
+                f"{copy.reason} (the retry copy to {copy.target} was refused: {error})",
+                copy.error_type,
+            )
+        stop = PublishRefusedError(
+            f"the broker refused the dead letter of a message of {self.spec.queue!r} to "
+            f"{copy.target!r} ({error}): check that queue's policies (a max-length with "
+            "reject-publish?) and the user's write permission; the message stays in its queue",
+            reply_code=error.reply_code,
+        )
+        log.error("%s", stop)
+        if not self._fatal.done():
+            self._fatal.set_result(stop)
+        return False
 
     # -- prefetched messages that wait too long ------------------------------------------------
 
@@ -580,18 +718,66 @@ class Consumer:
         return not self._tasks
 
     async def abort(self) -> None:
-        """Cancel running async handlers; their messages stay unacked and come back."""
+        """Stop at once: start nothing more, cancel running async handlers. Their messages,
+        and the prefetched ones, stay unacked and come back when the channel closes."""
+        self._stopping.set()
+        self._refusing = True
+        self.ready.clear()
+        if self._aged_timer is not None:
+            self._aged_timer.cancel()
+            self._aged_timer = None
+        self._waiting.clear()
         tasks = set(self._tasks)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Close the channel; copies still on their way get a moment to be confirmed."""
         if self._channel is not None:
             self._channel.close()
-        if self._crash_log_instance is not None:
-            self._crash_log_instance.close()
+        copies = [c.publish for c in self._copies.values()]
+        self._copies.clear()
+        pending = [p for p in copies if not p.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=_CLOSE_PATIENCE)
+            for publish in late:
+                publish.cancel()
+            if late:
+                await asyncio.wait(late)
+        for publish in copies:
+            if not publish.cancelled():
+                publish.exception()  # retrieved: what it means was decided (and logged) already
+
+
+_CLOSE_PATIENCE = 5.0
+
+
+class _CopyInFlight:
+    """A retry or dead-letter copy being published for a message, and what it means."""
+
+    __slots__ = ("error_type", "kept_at", "outcome", "publish", "reason", "target")
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        target: str,
+        reason: str,
+        error_type: str,
+        publish: asyncio.Future[None],
+    ) -> None:
+        self.outcome = outcome
+        self.target = target
+        self.reason = reason
+        self.error_type = error_type
+        self.publish = publish
+        self.kept_at = 0.0
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _qualified_name(exc: BaseException) -> str:
@@ -601,8 +787,8 @@ def _qualified_name(exc: BaseException) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _crash_reason(deliveries: int) -> str:
+def _crash_reason(starts: int) -> str:
     return (
-        f"delivered {deliveries} times without being settled: its handler kept crashing the "
-        "process or its connection"
+        f"started {starts} times without finishing: its handler kept crashing the process "
+        "or its connection"
     )

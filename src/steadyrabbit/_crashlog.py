@@ -1,9 +1,11 @@
-"""Counting deliveries that never settled, for classic queues (quorum queues count them).
+"""Counting starts of a message that never finished: crash loops.
 
 A message whose handler kills the process (or its connection) comes back with
-``redelivered = true`` again and again; nothing on a classic queue counts that. The consumer
-writes a record before it starts a redelivered message and deletes it once the message is
-settled; a record that keeps growing is a crash loop. The record lives in a small SQLite file so
+``redelivered = true`` again and again. The broker's own counts cannot tell that apart from
+requeues of messages that never started (shutdown, aged prefetch): quorum queues count both in
+``x-delivery-count``, classic queues count nothing. The consumer writes a record before it starts
+a redelivered message and deletes it once the handler finished; a record that keeps growing
+is a crash loop. The record lives in a small SQLite file so
 that it survives the crash it counts. First deliveries never touch it: no disk I/O on the hot
 path.
 """
@@ -15,6 +17,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from time import time
 
 from ._message import Message
 
@@ -41,25 +44,60 @@ def fingerprint(message: Message, vhost: str) -> str:
 
 
 class CrashLog:
-    """Started-but-unsettled counts of redelivered messages, keyed by :func:`fingerprint`."""
+    """Started-but-unfinished counts of redelivered messages, keyed by :func:`fingerprint`.
+
+    A record is written when a redelivered message starts and deleted when its handler
+    finishes, whatever becomes of the ack: a handler that finished did not crash anything.
+    Records nobody finished for ``_FORGET_AFTER`` seconds (their message went elsewhere) are
+    dropped when the file is opened.
+    """
 
     def __init__(self, directory: Path) -> None:
-        self._path = directory / "deliveries.sqlite3"
+        self.path = directory / "deliveries.sqlite3"
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self._path, timeout=30, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS started (key TEXT PRIMARY KEY, count INTEGER NOT NULL)"
-            )
-            db.commit()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                with db:
+                    db.execute(
+                        "CREATE TABLE IF NOT EXISTS unfinished (key TEXT PRIMARY KEY, "
+                        "count INTEGER NOT NULL, updated REAL NOT NULL)"
+                    )
+                    db.execute(
+                        "DELETE FROM unfinished WHERE updated < ?", (time() - _FORGET_AFTER,)
+                    )
+            except BaseException:
+                db.close()
+                raise
             self._db = db
         return self._db
+
+    def check(self) -> None:
+        """Open the file and write to it once: raises ``OSError``/``sqlite3.Error`` if the
+        directory is unusable, so a worker can refuse to start instead of failing later."""
+        with self._lock:
+            db = self._connect()
+            with db:
+                db.execute(
+                    "INSERT INTO unfinished (key, count, updated) VALUES ('', 0, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET updated = excluded.updated",
+                    (time(),),
+                )
+                db.execute("DELETE FROM unfinished WHERE key = ''")
+
+    def unfinished(self, key: str) -> int:
+        """How many starts of this delivery never finished."""
+        with self._lock:
+            row = self._connect().execute(
+                "SELECT count FROM unfinished WHERE key = ?", (key,)
+            ).fetchone()
+            return int(row[0]) if row else 0
 
     def record_start(self, key: str) -> int:
         """Count one more start of this delivery; return how many were recorded before it."""
@@ -68,9 +106,10 @@ class CrashLog:
             with db:
                 # One statement: atomic across the worker processes sharing the file.
                 (after,) = db.execute(
-                    "INSERT INTO started (key, count) VALUES (?, 1) "
-                    "ON CONFLICT(key) DO UPDATE SET count = count + 1 RETURNING count",
-                    (key,),
+                    "INSERT INTO unfinished (key, count, updated) VALUES (?, 1, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET count = count + 1, updated = excluded.updated "
+                    "RETURNING count",
+                    (key, time()),
                 ).fetchone()
             return int(after) - 1
 
@@ -78,10 +117,18 @@ class CrashLog:
         with self._lock:
             db = self._connect()
             with db:
-                db.execute("DELETE FROM started WHERE key = ?", (key,))
+                db.execute("DELETE FROM unfinished WHERE key = ?", (key,))
 
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+# A record older than this belongs to a message that was settled elsewhere (another machine,
+# a purge): a week is far beyond any redelivery cycle.
+_FORGET_AFTER = 7 * 24 * 3600.0
+# How long a write waits for another process's lock before it counts as a failure of the log
+# (logged; the message is handled without it): real writes take milliseconds.
+_BUSY_TIMEOUT = 5.0

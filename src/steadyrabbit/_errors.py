@@ -7,12 +7,15 @@ The tree::
     ├── PermanentBrokerError       the broker refused something retrying cannot fix: stop
     │   ├── AuthenticationError    wrong user name or password
     │   ├── AccessRefusedError     no access to the virtual host or resource
-    │   └── TopologyConflictError  a queue or exchange exists with other properties
+    │   ├── TopologyConflictError  a queue or exchange exists with other properties
+    │   └── PublishRefusedError    the broker refused a published message (nack, 403, 406)
     ├── BrokerUnreachableError     no broker answered within the first-connection budget
     ├── StatusUnavailableError     a worker's metrics endpoint did not answer with its status
     ├── ConnectionLostError        transient: the connection broke; the supervisor reconnects
     ├── ChannelClosedError         the broker closed a channel (reply code and text attached)
+    ├── MessageReturnedError       a mandatory publish matched no queue (basic.return)
     ├── ClosedByUserError          you closed it; nothing is reconnected
+    ├── HandlerExit                a handler raised SystemExit: a failure of its message
     ├── Reject                     control flow: a handler raises it to dead-letter the message
     └── Retry                      control flow: a handler raises it to retry after a delay
 
@@ -47,6 +50,17 @@ class TopologyConflictError(PermanentBrokerError):
     """An exchange or queue already exists with properties that differ from the declaration."""
 
 
+class PublishRefusedError(PermanentBrokerError):
+    """The broker refused one published message: ``basic.nack`` (a full queue that rejects
+    publishes), or a channel closed with 403 or 406 on the publish. Sending the same message
+    again would be refused again. ``reply_code`` is that of the channel close (None for a
+    nack, which names the message it refuses; a close fails every publish in flight on it)."""
+
+    def __init__(self, message: str, *, reply_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+
+
 class BrokerUnreachableError(SteadyRabbitError):
     """No configured broker accepted a connection within the first-connection budget."""
 
@@ -77,8 +91,33 @@ class ChannelClosedError(SteadyRabbitError):
         self.reply_text = reply_text
 
 
+class MessageReturnedError(SteadyRabbitError):
+    """A mandatory publish was returned (``basic.return``): no queue matched its routing key.
+    The channel stays open."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f"message returned by the broker: {reply_code} {reply_text}")
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
 class ClosedByUserError(SteadyRabbitError):
     """The connection or channel was closed on purpose by this process."""
+
+
+class HandlerExit(SteadyRabbitError):
+    """A handler raised SystemExit (``sys.exit()``) or, in a sync handler's thread, another
+    exception that is not an :class:`Exception` (KeyboardInterrupt, GeneratorExit). Its message
+    fails like on any other error (retried, then dead-lettered) and the worker goes on.
+    ``exception`` is the original (also the ``__cause__``); a retry policy's ``permanent``
+    types are matched against it.
+    """
+
+    def __init__(self, exception: BaseException) -> None:
+        text = str(exception)
+        name = type(exception).__name__
+        super().__init__(f"{name}: {text}" if text else name)
+        self.exception = exception
 
 
 class Reject(SteadyRabbitError):

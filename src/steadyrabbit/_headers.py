@@ -15,6 +15,11 @@ QUEUE = "x-steadyrabbit-queue"  # where the message was consumed: replay sends i
 EXCHANGE = "x-steadyrabbit-exchange"  # the original exchange and routing key
 ROUTING_KEY = "x-steadyrabbit-routing-key"
 PUBLISH_ID = "x-steadyrabbit-publish-id"  # matches a basic.return to its publish
+# What the original carried that would change where a copy goes or whom the broker checks it
+# against: kept here for the record, never restored (see routing_neutral).
+CC = "x-steadyrabbit-cc"
+BCC = "x-steadyrabbit-bcc"
+USER_ID = "x-steadyrabbit-user-id"
 QUORUM_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
 
 
@@ -31,6 +36,45 @@ def without_ours(headers: Mapping[str, Any] | None) -> dict[str, Any]:
         for key, value in (headers or {}).items()
         if not key.startswith(PREFIX) and key not in _BROKER_HISTORY
     }
+
+
+# Headers RabbitMQ reads as extra routing keys ("sender-selected distribution"): a copy that kept
+# them would also go to every queue they name, on every retry.
+ROUTING_HEADERS = {"CC": CC, "BCC": BCC}
+
+
+def routing_neutral(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The headers with the ones that change routing moved under steadyrabbit's own names.
+
+    RabbitMQ matches ``CC`` and ``BCC`` by exact name; the originals' values stay readable (dlq
+    show) but a copy never fans out. Existing records of an earlier copy are kept.
+    """
+    result = dict(headers or {})
+    for routing, ours in ROUTING_HEADERS.items():
+        if routing in result:
+            value = result.pop(routing)
+            result.setdefault(ours, value)
+    return result
+
+
+# What a replay keeps of steadyrabbit's headers: where the message came from, for its handler,
+# and the records of what it carried. The failure record (attempts, reason, times) starts again.
+_KEPT_ON_REPLAY = frozenset({EXCHANGE, ROUTING_KEY, CC, BCC, USER_ID})
+
+
+def for_replay(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The headers of a dead letter as ``dlq replay`` sends it back to its queue.
+
+    User headers stay, with the original exchange and routing key and the CC/BCC/user_id
+    records. Attempts, failure details, the publish id and the broker's delivery history go
+    (a quorum dead-letter queue counts every look into it in ``x-delivery-count``), and any
+    CC/BCC header becomes a record: a replay goes to one queue only.
+    """
+    found = headers or {}
+    replayed = without_ours(found)
+    replayed.pop(QUORUM_DELIVERY_COUNT, None)
+    replayed.update({key: value for key, value in found.items() if key in _KEPT_ON_REPLAY})
+    return routing_neutral(replayed)
 
 
 # What RabbitMQ adds when it dead-letters (our retry queues do, every cycle).

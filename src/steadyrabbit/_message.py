@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import pika
 import pika.spec
 
+from . import _headers
+
 if TYPE_CHECKING:
     from ._amqp import AmqpChannel
 
@@ -20,7 +22,16 @@ class Message:
     dropped if that channel is gone (the broker has requeued the delivery by then).
     """
 
-    __slots__ = ("_channel", "_method", "_properties", "body", "payload", "queue", "received_at")
+    __slots__ = (
+        "_channel",
+        "_method",
+        "_properties",
+        "blocked_loop",
+        "body",
+        "payload",
+        "queue",
+        "received_at",
+    )
 
     def __init__(
         self,
@@ -37,6 +48,9 @@ class Message:
         self.payload: Any = body
         self.queue = queue
         self.received_at = monotonic()
+        #: Set by the loop-lag watchdog (from its thread) when this message's async handler
+        #: blocked the event loop: seconds of the longest stall seen.
+        self.blocked_loop = 0.0
 
     @property
     def delivery_tag(self) -> int:
@@ -48,11 +62,22 @@ class Message:
 
     @property
     def exchange(self) -> str:
-        return str(self._method.exchange)
+        """The exchange the message was first published to, on every delivery: a retry or a
+        replay comes back through steadyrabbit's own queues, which record the original."""
+        original = (self._properties.headers or {}).get(_headers.EXCHANGE)
+        return _text(original) if original is not None else str(self._method.exchange)
 
     @property
     def routing_key(self) -> str:
-        return str(self._method.routing_key)
+        """The routing key the message was first published with, on every delivery (see
+        :attr:`exchange`)."""
+        original = (self._properties.headers or {}).get(_headers.ROUTING_KEY)
+        return _text(original) if original is not None else str(self._method.routing_key)
+
+    @property
+    def attempt(self) -> int:
+        """Which attempt this delivery is: 1 for the first, 2 after one failure, and so on."""
+        return _headers.attempts(self._properties.headers) + 1
 
     @property
     def properties(self) -> pika.spec.BasicProperties:
@@ -60,7 +85,11 @@ class Message:
 
     @property
     def headers(self) -> dict[str, Any]:
-        return dict(self._properties.headers or {})
+        """The message's headers, without the one steadyrabbit uses internally to match a
+        returned publish (it is on every copy it published)."""
+        headers = dict(self._properties.headers or {})
+        headers.pop(_headers.PUBLISH_ID, None)
+        return headers
 
     @property
     def content_type(self) -> str | None:
@@ -77,6 +106,10 @@ class Message:
         )
 
 
+def _text(value: object) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def persistent_copy(
     properties: pika.spec.BasicProperties,
     headers: Mapping[str, Any],
@@ -87,11 +120,22 @@ def persistent_copy(
 
     A retry or dead-letter copy drops the per-message ``expiration``: it would expire the copy
     out of a queue that has nowhere to dead-letter it. A replay restores the message as it was.
+
+    A copy goes only where steadyrabbit sends it: ``CC``/``BCC`` (extra routing keys) and
+    ``user_id`` (checked against the publishing login, so a foreign one is refused with 406)
+    are moved under steadyrabbit's own headers, for the record, and never restored.
     """
+    copy_headers = _headers.routing_neutral(headers)
+    previous = properties.headers or {}
+    for kept in (_headers.CC, _headers.BCC, _headers.USER_ID):
+        if kept in previous:
+            copy_headers.setdefault(kept, previous[kept])
+    if properties.user_id is not None:
+        copy_headers.setdefault(_headers.USER_ID, properties.user_id)
     return pika.spec.BasicProperties(
         content_type=properties.content_type,
         content_encoding=properties.content_encoding,
-        headers=dict(headers),
+        headers=copy_headers,
         delivery_mode=pika.DeliveryMode.Persistent,
         priority=properties.priority,
         correlation_id=properties.correlation_id,
@@ -100,7 +144,6 @@ def persistent_copy(
         message_id=properties.message_id,
         timestamp=properties.timestamp,
         type=properties.type,
-        user_id=properties.user_id,
         app_id=properties.app_id,
         cluster_id=properties.cluster_id,
     )

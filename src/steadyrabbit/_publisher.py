@@ -15,11 +15,19 @@ import pika.spec
 
 from ._amqp import AmqpChannel
 from ._backoff import backoff_delay
-from ._errors import ChannelClosedError, ConnectionLostError
+from ._errors import (
+    ChannelClosedError,
+    ConnectionLostError,
+    MessageReturnedError,
+    PublishRefusedError,
+)
 from ._supervisor import Supervisor
 from ._topology import OwnQueue, declare_own_queue
 
 log = logging.getLogger("steadyrabbit")
+
+# Publishes a channel-level refusal (403/406) gets before it counts as this message's.
+_REFUSALS = 3
 
 
 class Publisher:
@@ -50,9 +58,12 @@ class Publisher:
         """Publish to ``queue`` (one of steadyrabbit's own) and return once the broker confirmed.
 
         Retries through connection and channel failures with backoff, so the caller can ack
-        the original only after this returns: the message is never in zero places.
+        the original only after this returns: the message is never in zero places. Raises
+        :class:`PublishRefusedError` when the broker refuses this very message (a nack, or a
+        403/406 again on a fresh channel): retrying it would never end.
         """
         attempt = 0
+        refusals = 0
         while True:
             try:
                 channel = await self._confirm_channel()
@@ -60,14 +71,26 @@ class Publisher:
                     await declare_own_queue(channel, queue)
                     self._declared.add(queue.name)
                 await channel.publish_confirmed("", queue.name, body, properties)
-            except (ConnectionLostError, ChannelClosedError) as exc:
-                # Declare again next time: the queue may have been deleted under us.
+            except PublishRefusedError as exc:
+                # A nack names this message. A channel closed with 403/406 fails every publish
+                # in flight on it, maybe because of another one: try again on a fresh channel
+                # before calling it this message's refusal. Never a loop.
+                refusals += 1
+                if exc.reply_code is None or refusals >= _REFUSALS:
+                    raise
+                log.warning("publishing to %r was refused (%s); trying once more", queue.name, exc)
+            except (ConnectionLostError, ChannelClosedError, MessageReturnedError) as exc:
+                # Declare again next time: the queue may have been deleted under us (a
+                # returned copy says so; the channel stays open then).
                 self._declared.discard(queue.name)
                 delay = backoff_delay(attempt, base=0.2, cap=10.0, random=random.random)
                 attempt += 1
-                log.warning(
-                    "publishing to %r failed (%s); retrying in %.1f s", queue.name, exc, delay
-                )
+                if isinstance(exc, MessageReturnedError):
+                    what = f"the broker returned it as unroutable ({exc.reply_code} " \
+                        f"{exc.reply_text}: the queue is gone); declaring it again"
+                else:
+                    what = f"failed ({exc})"
+                log.warning("publishing to %r %s; retrying in %.1f s", queue.name, what, delay)
                 await asyncio.sleep(delay)
             else:
                 return

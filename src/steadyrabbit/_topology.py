@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,9 +105,15 @@ async def ensure_exchange(
     )
 
 
-async def bind_queue(channel: AmqpChannel, queue: str, exchange: str, routing_key: str) -> None:
+async def bind_queue(
+    channel: AmqpChannel,
+    queue: str,
+    exchange: str,
+    routing_key: str,
+    arguments: Mapping[str, Any] | None = None,
+) -> None:
     try:
-        await channel.bind_queue(queue, exchange, routing_key)
+        await channel.bind_queue(queue, exchange, routing_key, arguments)
     except ChannelClosedError as exc:
         raise _translate("binding of queue", queue, exc) from exc
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from time import monotonic
 from types import CodeType, FrameType
 
@@ -30,15 +30,18 @@ class LoopLagWatchdog:
         handlers: Mapping[CodeType, str],
         stats: Stats,
         on_stall: Callable[[str, float], None] | None = None,
+        message_frames: Collection[CodeType] = (),
     ) -> None:
         """``on_stall(culprit, seconds)`` is called on the loop, once it turns again, for each
-        stall (the alerter's hook)."""
+        stall (the alerter's hook). ``message_frames``: code of the functions that run a
+        handler with a local ``message``; the message a stall happens under is marked."""
         self._loop = loop
         self._threshold = threshold
         self._interval = threshold / 4
         self._handlers = dict(handlers)
         self._stats = stats
         self._on_stall = on_stall
+        self._message_frames = frozenset(message_frames)
         self._last_turn = monotonic()
         self._loop_thread = threading.get_ident()
         self._stop = threading.Event()
@@ -72,11 +75,12 @@ class LoopLagWatchdog:
             if lag < self._threshold:
                 reported = False
                 continue
+            frame = sys._current_frames().get(self._loop_thread)
+            self._mark_message(frame, lag)
             if reported:
                 continue
             reported = True
             self._stats.loop_stalls += 1
-            frame = sys._current_frames().get(self._loop_thread)
             culprit = self._describe(frame)
             log.warning(
                 "the event loop has been blocked for %.1f s by %s: heartbeats and acks are "
@@ -86,6 +90,17 @@ class LoopLagWatchdog:
             )
             if self._on_stall is not None:
                 self._loop.call_soon_threadsafe(self._on_stall, culprit, lag)
+
+    def _mark_message(self, frame: FrameType | None, lag: float) -> None:
+        """Tell the message whose handler is blocking the loop (``message.blocked_loop``), so
+        that the consumer can count the run as a crash if the connection dies of it."""
+        while frame is not None:
+            if frame.f_code in self._message_frames:
+                message = frame.f_locals.get("message")
+                if message is not None and getattr(message, "blocked_loop", None) is not None:
+                    message.blocked_loop = max(message.blocked_loop, lag)
+                return
+            frame = frame.f_back
 
     def _describe(self, frame: FrameType | None) -> str:
         innermost = frame

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from ._alerts import Alerter
 from ._app import App
 from ._consumer import Consumer
+from ._crashguard import CrashGuard
+from ._crashlog import default_state_dir
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
 from ._publisher import Publisher
 from ._settings import Settings
@@ -51,6 +53,7 @@ class Worker:
         self._watchdog: LoopLagWatchdog | None = None
         self._metrics: MetricsServer | None = None
         self._alerter: Alerter | None = None
+        self._guard: CrashGuard | None = None
         self._failed: asyncio.Future[SteadyRabbitError] | None = None
         self._stopping = False
         self._closed = False
@@ -102,6 +105,12 @@ class Worker:
         """
         loop = asyncio.get_running_loop()
         settings = self.settings
+        guard = CrashGuard(settings.state_dir or default_state_dir())
+        # A state directory that cannot hold the crash log stops the worker now, in one
+        # sentence, rather than failing on the first redelivered message.
+        await asyncio.to_thread(guard.check)
+        guard.open()
+        self._guard = guard
         if settings.metrics_port is not None:
             from ._metrics import MetricsServer  # imports prometheus_client: only when wanted
 
@@ -120,7 +129,7 @@ class Worker:
             if spec.threaded is not None:
                 spec.threaded.open()
             consumer = Consumer(
-                spec, consume, self._publisher, settings, self.stats, alerter=alerter
+                spec, consume, self._publisher, settings, self.stats, guard, alerter=alerter
             )
             if self._metrics is not None:
                 self._metrics.watch(consumer)
@@ -140,6 +149,7 @@ class Worker:
             _handler_codes(self.app),
             self.stats,
             on_stall=None if alerter is None else alerter.loop_blocked,
+            message_frames=Consumer.handler_frames(),
         )
         self._watchdog.start()
         all_ready = asyncio.ensure_future(
@@ -222,8 +232,9 @@ class Worker:
                 await hook()
             except Exception:
                 log.exception("shutdown hook %r failed", hook)
-        for consumer in self._consumers:
-            consumer.close()
+        await asyncio.gather(*(consumer.close() for consumer in self._consumers))
+        if self._guard is not None:
+            self._guard.close()
         if self._publisher is not None:
             self._publisher.close()
         for supervisor in self._supervisors:
