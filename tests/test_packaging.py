@@ -1,0 +1,28 @@
+"""What ships with the package: the licence it declares, the Pythons it names, and the README's
+links, which must lead to files of this repository."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_the_readme_links_only_to_files_in_the_repository() -> None:
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [target for target in targets if "://" not in target and not target.startswith("#")]
+    assert "docs/DESIGN.md" in local
+    for target in local:
+        path = (ROOT / target).resolve()
+        assert path.is_relative_to(ROOT), target
+        assert path.is_file(), target
+
+
+def test_the_design_notes_hold_the_invariants() -> None:
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    assert design.startswith("# steadyrabbit — the invariants the design must keep")
+    assert "## Invariants" in design
