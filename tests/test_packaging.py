@@ -26,3 +26,10 @@ def test_the_design_notes_hold_the_invariants() -> None:
     design = (ROOT / "docs" / "DESIGN.md").read_text()
     assert design.startswith("# steadyrabbit — the invariants the design must keep")
     assert "## Invariants" in design
+
+
+def test_the_license_file_is_the_declared_one() -> None:
+    assert PROJECT["license"] == "MIT"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the steadyrabbit authors\n")
+    assert "Permission is hereby granted, free of charge" in text
