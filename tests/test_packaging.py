@@ -33,3 +33,16 @@ def test_the_license_file_is_the_declared_one() -> None:
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License\n\nCopyright (c) 2026 the steadyrabbit authors\n")
     assert "Permission is hereby granted, free of charge" in text
+
+
+def test_the_classifiers_name_every_python_seen_working() -> None:
+    classifiers = PROJECT["classifiers"]
+    assert PROJECT["requires-python"] == ">=3.11"
+    versions = {
+        c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r".* :: 3\.\d+", c)
+    }
+    assert versions == {"3.11", "3.12", "3.13"}
+    assert "Programming Language :: Python :: 3 :: Only" in classifiers
+    assert "Typing :: Typed" in classifiers  # py.typed ships
+    # A license expression and a License classifier together are refused by setuptools >= 77.
+    assert not any(c.startswith("License ::") for c in classifiers)
