@@ -131,6 +131,33 @@ def test_no_line_is_wider_than_the_screen() -> None:
     assert "PURCHASING_CONTRACT_CONSUMER_WI~" in render(None, current, 0.0, 78)
 
 
+@pytest.mark.parametrize("color", [False, True])
+def test_a_frame_fits_80_columns_without_losing_a_field(color: bool) -> None:
+    """A busy worker on a long broker URL, at 80 columns: fields that do not fit go to the next
+    line; none is cut off, the dead-letter rate and consumer_timeout included."""
+    current = document(
+        acked=123456, uptime=3600.0, ages=(5.0, 1500.0), timeout=1800,
+        reconnects={"connection_lost": 12, "missed_heartbeats": 3},
+    )  # fmt: skip
+    current["broker"] = "amqp://worker:****@rabbit-1.prod.example.com:5672/prod"
+    current["totals"].update(stale_acks_dropped=7, requeued_unstarted=11, requeued_aged=2)
+    previous = document(acked=100000, uptime=3598.0)
+    previous["totals"]["dead_lettered"] = 0
+    screen = render(previous, current, 2.0, 80, color=color)
+    plain = ANSI.sub("", screen)
+    assert all(len(line) <= 80 for line in plain.splitlines()), plain
+    assert "~" not in plain, "nothing cut"
+    for field in (
+        "consumer_timeout 30m00s", "heartbeat 15s", "loop lag 1.0ms (max 4.0ms)",
+        "broker traffic 0.2s ago", "broker amqp://worker:****@rabbit-1.prod.example.com:5672/prod",
+        "throughput  11728.0 msg/s succeeded (last 2.0s)", "delivered 11729.0/s",
+        "retried 0.0/s", "dead-lettered 0.5/s", "dead-lettered 1", "errors 1", "stale acks 7",
+        "reconnects  15 (connection_lost 12, missed_heartbeats 3)", "channel recoveries 0",
+        "requeued: unstarted 11, aged 2", "83% of 30m00s !",
+    ):  # fmt: skip
+        assert field in plain, (field, plain)
+
+
 def test_reconnects_not_ready_and_colour() -> None:
     current = document(ready=False, reconnects={"connection_lost": 2, "missed_heartbeats": 1})
     plain = render(None, current, 0.0, 120)

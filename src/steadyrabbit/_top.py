@@ -170,16 +170,19 @@ def render(
         + state
     )
     heartbeat = current.get("heartbeat_seconds")
-    lines.append(
-        f"broker {current.get('broker', '?')}"
-        f"  heartbeat {'-' if heartbeat is None else f'{heartbeat}s'}"
-        f"  consumer_timeout {_duration(timeout)}"
+    # Fields are packed into lines of ``width``: a field that does not fit starts the next
+    # line, so a narrow terminal wraps them instead of cutting the last ones off.
+    lines += _pack(
+        [
+            f"consumer_timeout {_duration(timeout)}",
+            f"heartbeat {'-' if heartbeat is None else f'{heartbeat}s'}",
+            f"loop lag {_millis(current.get('loop_lag_seconds'))}"
+            f" (max {_millis(current.get('loop_lag_max_seconds'))})",
+            f"broker traffic {_duration(current.get('broker_traffic_age_seconds'))} ago",
+        ],
+        width,
     )
-    lines.append(
-        f"loop lag {_millis(current.get('loop_lag_seconds'))}"
-        f" (max {_millis(current.get('loop_lag_max_seconds'))})"
-        f"  broker traffic {_duration(current.get('broker_traffic_age_seconds'))} ago"
-    )
+    lines.append(f"broker {current.get('broker', '?')}")
     lines.append("")
 
     totals = current.get("totals", {})
@@ -188,28 +191,43 @@ def render(
     def rate(key: str) -> str:
         return _rate(totals.get(key), None if before is None else before.get(key), elapsed)
 
-    lines.append(
-        paint(f"throughput  {rate('succeeded')} msg/s succeeded", _BOLD)
-        + f" ({rate_note})  delivered {rate('delivered')}/s  retried {rate('retried')}/s"
-        f"  dead-lettered {rate('dead_lettered')}/s"
+    indent = " " * len("throughput  ")
+    lines += _pack(
+        [
+            paint(f"throughput  {rate('succeeded')} msg/s succeeded", _BOLD) + f" ({rate_note})",
+            f"delivered {rate('delivered')}/s",
+            f"retried {rate('retried')}/s",
+            f"dead-lettered {rate('dead_lettered')}/s",
+        ],
+        width,
+        indent,
     )
-    lines.append(
-        f"totals      delivered {totals.get('delivered', 0)}"
-        f"  succeeded {totals.get('succeeded', 0)}"
-        f"  retried {totals.get('retried', 0)}  dead-lettered {totals.get('dead_lettered', 0)}"
-        f"  errors {totals.get('handler_errors', 0)}"
-        f"  stale acks {totals.get('stale_acks_dropped', 0)}"
+    lines += _pack(
+        [
+            f"totals      delivered {totals.get('delivered', 0)}",
+            f"succeeded {totals.get('succeeded', 0)}",
+            f"retried {totals.get('retried', 0)}",
+            f"dead-lettered {totals.get('dead_lettered', 0)}",
+            f"errors {totals.get('handler_errors', 0)}",
+            f"stale acks {totals.get('stale_acks_dropped', 0)}",
+        ],
+        width,
+        indent,
     )
     reconnects: Mapping[str, int] = current.get("reconnects", {})
     causes = ", ".join(f"{cause} {n}" for cause, n in sorted(reconnects.items()) if n)
     total_reconnects = sum(reconnects.values())
-    lines.append(
-        (paint if total_reconnects else _plain)(
-            f"reconnects  {total_reconnects}" + (f" ({causes})" if causes else ""), _YELLOW
-        )
-        + f"  channel recoveries {totals.get('channel_recoveries', 0)}"
-        f"  requeued: unstarted {totals.get('requeued_unstarted', 0)},"
-        f" aged {totals.get('requeued_aged', 0)}"
+    lines += _pack(
+        [
+            (paint if total_reconnects else _plain)(
+                f"reconnects  {total_reconnects}" + (f" ({causes})" if causes else ""), _YELLOW
+            ),
+            f"channel recoveries {totals.get('channel_recoveries', 0)}",
+            f"requeued: unstarted {totals.get('requeued_unstarted', 0)},"
+            f" aged {totals.get('requeued_aged', 0)}",
+        ],
+        width,
+        indent,
     )
     lines.append("")
     lines.extend(_queues(previous, current, elapsed, width, timeout, paint))
@@ -260,6 +278,30 @@ def _queues(
         if more > 0:
             lines.append(f"  ... {more} more running")
     return lines
+
+
+def _pack(fields: list[str], width: int, indent: str = "") -> list[str]:
+    """``fields`` two spaces apart, in lines of at most ``width`` visible columns: a field that
+    does not fit goes to the next line, after ``indent``. (A field wider than a line on its own
+    is left to the final cut.)"""
+    lines: list[str] = []
+    line = ""
+    for field in fields:
+        if not line:
+            line = field
+        elif _visible(line) + 2 + _visible(field) <= width:
+            line += "  " + field
+        else:
+            lines.append(line)
+            line = indent + field
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _visible(text: str) -> int:
+    """Columns ``text`` takes on a terminal (colour codes take none)."""
+    return len(_ANSI.sub("", text))
 
 
 def _same_run(previous: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
