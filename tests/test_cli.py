@@ -121,6 +121,18 @@ BAD_URL = f"amqp://guest:{PASSWORD}@127.0.0.1:1/%2F"
             "prefetch must be between the concurrency (4)",
             id="prefetch-below-concurrency",
         ),
+        pytest.param(
+            ["run", "tests.window_app:app", "--prefetch", "3", "--url", BAD_URL],
+            "--prefetch: queue 'window-own-concurrency': the default prefetch is below its "
+            "concurrency (4); give that consumer a prefetch of its own, or raise the default",
+            id="run-default-prefetch-below-a-consumers-concurrency",
+        ),
+        pytest.param(
+            ["run", "tests.window_app:app", "--concurrency", "3", "--url", BAD_URL],
+            "--concurrency: queue 'window-own-prefetch': the default concurrency is above its "
+            "own prefetch (2)",
+            id="run-default-concurrency-above-a-consumers-prefetch",
+        ),
     ],
 )
 def test_usage_errors(args: list[str], expected: str) -> None:
@@ -262,11 +274,12 @@ def test_help(args: list[str], expected: list[str]) -> None:
 # -- run really consumes -------------------------------------------------------------------------
 
 
-def start_run(app: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
-    """``steadyrabbit run APP`` against the main broker; stdout and stderr go to ``log``."""
+def start_run(app: str, log: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    """``steadyrabbit run APP [ARGS]`` against the main broker; stdout and stderr go to
+    ``log``."""
     with log.open("wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "steadyrabbit", "run", app, "--url", MAIN_URL],
+            [sys.executable, "-m", "steadyrabbit", "run", app, "--url", MAIN_URL, *args],
             cwd=ROOT,
             env=_env(**env),
             stdin=subprocess.DEVNULL,
@@ -329,3 +342,56 @@ def test_json_logs_are_one_masked_object_per_line() -> None:
         assert "guest:****@127.0.0.1:1" in entry["message"]
     assert error.startswith("steadyrabbit: error: no broker answered")
     assert PASSWORD not in result.stderr + result.stdout
+
+
+@pytest.mark.anyio
+async def test_run_gives_the_config_files_concurrency_to_consumers_without_their_own(
+    admin: Admin, queue_name: str, tmp_path: Path
+) -> None:
+    """tests.slow_app's consumer sets no concurrency: `concurrency = 4` in the file runs 4 of
+    its 3-second handlers at once, with 4 messages prefetched (prefetch = concurrency) and the
+    rest left in the queue. The file's relay setting is named in one warning."""
+    out = tmp_path / "out.txt"
+    log = tmp_path / "run.log"
+    config = tmp_path / "steadyrabbit.toml"
+    config.write_text("concurrency = 4\nhttp_timeout = 120\n")
+    admin.declare(queue_name)
+    admin.publish(queue_name, [f"m{n}".encode() for n in range(7)])
+
+    def lines() -> list[str]:
+        text = out.read_text() if out.exists() else ""
+        return text.splitlines()[: text.count("\n")]
+
+    proc = start_run(
+        "tests.slow_app:app", log, "--config", str(config),
+        SLOW_QUEUE=queue_name, SLOW_OUT=str(out), SLOW_SECONDS="3",
+    )  # fmt: skip
+    try:
+
+        def four_started() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"run exited early:\n{log.read_text()}")
+            return len(lines()) >= 4
+
+        await eventually(four_started, within=20, what="4 handlers started")
+        first = lines()[:4]
+        ready, consumers = admin.counts(queue_name)
+        proc.send_signal(signal.SIGTERM)
+        status = await asyncio.to_thread(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+    output = log.read_text(errors="replace")
+    assert status == 0, output
+    assert [line.split()[0] for line in first] == ["start"] * 4, (first, output)
+    assert (ready, consumers) == (3, 1), "4 of 7 prefetched: prefetch = concurrency"
+    [warning] = [line for line in output.splitlines() if "does not use" in line]
+    assert warning.endswith(
+        f"WARNING steadyrabbit: run does not use http_timeout in {config}: relay settings (the "
+        "app's code sets its own)"
+    ), warning
+    done = [line for line in lines() if line.startswith("done")]
+    assert len(done) == 4, "the running ones finished on SIGTERM"
+    assert admin.counts(queue_name) == (3, 0), "the unstarted ones went back"

@@ -192,12 +192,12 @@ _WORKER = (
 )
 _WINDOW = (
     _Option(
-        "concurrency", int, "Messages handled at once (for the relay: "
-        "requests in flight).",
+        "concurrency", int, "Messages handled at once: for run, by each consumer that sets no "
+        "concurrency of its own; for the relay, requests in flight.",
     ),
     _Option(
-        "prefetch", int, "Messages the broker may send ahead.  (the "
-        "concurrency when unset; never unlimited)",
+        "prefetch", int, "Messages the broker may send ahead (for run: to each consumer that "
+        "sets no prefetch of its own).  (the concurrency when unset; never unlimited)",
     ),
 )
 _RELAY = (
@@ -397,13 +397,45 @@ def cli() -> None:
 
 @cli.command("run")
 @click.argument("target", metavar="MODULE:APP")
-@_configured(_BROKER, _WORKER)
+@_configured(_BROKER, _WORKER, _WINDOW)
 def run_command(target: str, config: Config) -> None:
-    """Run the steadyrabbit App named MODULE:APP (e.g. myproject.workers:app)."""
+    """Run the steadyrabbit App named MODULE:APP (e.g. myproject.workers:app).
+
+    --concurrency and --prefetch (or their variables or config-file keys) apply to the
+    consumers that set no concurrency or prefetch of their own.
+    """
     settings = config.settings()
     if config.processes > 1:
         _supervise(config.processes, settings)  # the workers import the app, not the supervisor
-    _serve(load_app(target), settings)
+    _warn_unused(config, "run", _RELAY, "relay settings")
+    app = load_app(target)
+    _apply_window(app, config)
+    _serve(app, settings)
+
+
+def _apply_window(app: App, config: Config) -> None:
+    """The given --concurrency and --prefetch become the defaults of the app's consumers."""
+    given = config.sources(("concurrency", "prefetch"))
+    if not given:
+        return
+    try:
+        app.apply_defaults(
+            concurrency=config.concurrency if "concurrency" in given else None,
+            prefetch=config.prefetch if "prefetch" in given else None,
+        )
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{' and '.join(given.values())}: {exc}") from None
+
+
+def _warn_unused(config: Config, command: str, options: Sequence[_Option], what: str) -> None:
+    """One warning line naming the settings of ``options`` that the environment or the config
+    file gave, which ``command`` has no use for (one file may serve every command)."""
+    unused = config.sources(option.key for option in options)
+    if unused:
+        logging.getLogger("steadyrabbit").warning(
+            "%s does not use %s: %s (the app's code sets its own)",
+            command, ", ".join(unused.values()), what,
+        )  # fmt: skip
 
 
 @cli.command("relay")

@@ -8,29 +8,44 @@ every command; a command uses those it needs, so one file can serve ``run``, ``r
 
 Values are validated by pydantic, with pydantic-settings reading the environment; an invalid
 value becomes one line naming where it came from (the flag, the variable or the file and key)
-and what is wrong, never the value itself, which may hold a password.
+and what is wrong, never the value itself, which may hold a password. A file key or a
+``STEADYRABBIT_*`` variable that is no setting is an error too, with the nearest setting as a
+suggestion: a misspelt name must not be silently ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 from ._alerts import AlertSettings
 from ._errors import ConfigurationError
 from ._settings import DEFAULT_URL, Settings
 
-__all__ = ["CONFIG_ENV", "ENV_PREFIX", "Config", "load_config"]
+__all__ = ["CONFIG_ENV", "ENV_PREFIX", "OTHER_VARIABLES", "Config", "load_config"]
 
 ENV_PREFIX = "STEADYRABBIT_"
 #: The environment variable naming the TOML file, when no ``--config`` is given.
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+#: ``STEADYRABBIT_*`` variables that are no setting but have a meaning of their own: the file,
+#: the pipe of a ``--processes`` worker to its supervisor, and those of ``scripts/`` and the
+#: test suite. Any other variable with the prefix is a misspelt setting, and an error.
+OTHER_VARIABLES = frozenset(
+    {
+        CONFIG_ENV,
+        f"{ENV_PREFIX}SUPERVISOR_FD",
+        f"{ENV_PREFIX}SKIP_BROWSER",
+        f"{ENV_PREFIX}TEST_URL",
+    }
+)
 
 _Seconds = Annotated[float, Field(allow_inf_nan=False)]
 #: Lists given as one string (an environment variable, a single flag) are comma-separated.
@@ -56,6 +71,7 @@ class Config(BaseModel):
     processes: int = Field(1, ge=1, le=1024)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str | None = Field(None, min_length=1)
+    # run: the defaults of consumers registered without their own; relay: its consumer's.
     concurrency: int = Field(1, ge=1, le=65535)
     prefetch: int | None = Field(None, ge=1, le=65535)
     # -- the relay
@@ -81,6 +97,18 @@ class Config(BaseModel):
     management_url: str | None = None
     # -- top
     interval: _Seconds = Field(1.0, gt=0)
+
+    #: Where each setting given explicitly came from (see :meth:`source`).
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def source(self, key: str) -> str | None:
+        """Where the setting ``key`` was given: ``--flag``, ``STEADYRABBIT_<KEY>`` or ``key in
+        FILE``; None when it has its default."""
+        return self._sources.get(key)
+
+    def sources(self, keys: Iterable[str]) -> dict[str, str]:
+        """Those of ``keys`` that were given, with where (as :meth:`source`), in that order."""
+        return {key: self._sources[key] for key in keys if key in self._sources}
 
     @field_validator("url", "alert_email_to", "retry_delay", mode="before")
     @classmethod
@@ -127,7 +155,6 @@ class Config(BaseModel):
             metrics_host=self.metrics_host or Settings.metrics_host,
         )
 
-
     def alerts(self) -> AlertSettings | None:
         """The alert settings, or None when no destination is configured (alerts off)."""
         destinations = (
@@ -171,24 +198,72 @@ def load_config(
     """Validate ``given`` (values from flags, keyed like :class:`Config`) over the environment
     over ``config_file`` (default: ``$STEADYRABBIT_CONFIG``, else none).
 
-    Raises :class:`ConfigurationError` with one line per problem.
+    Raises :class:`ConfigurationError` with one line per problem: an invalid value, a file key
+    that is no setting, a ``STEADYRABBIT_*`` variable that is none.
     """
     if config_file is None and os.environ.get(CONFIG_ENV):
         config_file = os.environ[CONFIG_ENV]
-    from_file = _read_file(Path(config_file)) if config_file is not None else {}
+    from_file, problems = _read_file(Path(config_file)) if config_file is not None else ({}, [])
+    problems += _unknown_variables(os.environ)
     from_env = dict(EnvSettingsSource(_Environment)())
     values = {**from_file, **from_env, **given}
     try:
-        return Config.model_validate(values)
+        config = Config.model_validate(values)
     except ValidationError as exc:
-        lines = [
+        problems += [
             _describe(error, given, from_env, config_file)
             for error in exc.errors(include_url=False, include_input=False)
         ]
-        raise ConfigurationError("\n".join(lines)) from None
+        raise ConfigurationError("\n".join(problems)) from None
+    if problems:
+        raise ConfigurationError("\n".join(problems))
+    config._sources = {
+        key: _where(key, given, from_env, config_file)
+        for key in Config.model_fields
+        if key in values
+    }
+    return config
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``STEADYRABBIT_*`` variable that is neither a setting nor one of
+    :data:`OTHER_VARIABLES`, with the nearest name when one is close (pydantic-settings would
+    silently ignore it). Names are matched as pydantic-settings reads them: in any case."""
+    known = {env_name(key) for key in Config.model_fields} | OTHER_VARIABLES
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        # Compared without the prefix, which every candidate shares.
+        suffix = upper.removeprefix(ENV_PREFIX).replace("-", "_")
+        guess = _nearest(suffix, (name.removeprefix(ENV_PREFIX) for name in known))
+        hint = f" (did you mean {ENV_PREFIX}{guess}?)" if guess else ""
+        problems.append(f"environment variable {_shown(name)}: not a steadyrabbit setting{hint}")
+    return problems
+
+
+def _nearest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``name`` (a misspelling of it), if one is close enough."""
+    matches = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.7)
+    return matches[0] if matches else None
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+
+
+def _shown(name: str) -> str:
+    """A name as an error line shows it: as it is when plain, else quoted with escapes, so that
+    it stays on its line and shows what is odd about it."""
+    return name if _PLAIN_NAME.fullmatch(name) else repr(name[:80])
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The settings in the TOML file ``path``, keyed like :class:`Config`, and one line for
+    each key that is no setting or gives a setting twice (``a-b`` and ``a_b``).
+
+    Raises :class:`ConfigurationError` for a file that cannot be read or is not TOML.
+    """
     try:
         with path.open("rb") as file:
             document = tomllib.load(file)
@@ -198,8 +273,46 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"config file {path}: not valid TOML: {exc}") from None
-    # Flags are spelled with dashes; accept the same spelling in the file.
-    return {key.replace("-", "_"): value for key, value in document.items()}
+    settings: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    problems: list[str] = []
+    for written, value in document.items():
+        # Flags are spelled with dashes; accept the same spelling in the file.
+        key = written.replace("-", "_")
+        if key not in Config.model_fields:
+            guess = _nearest(key.lower(), Config.model_fields)
+            hint = f" (did you mean {guess!r}?)" if guess else ""
+            problems.append(f"config file {path}: unknown setting {_quoted(written)}{hint}")
+        elif key in spelled:
+            problems.append(
+                f"config file {path}: {_quoted(spelled[key])} and {_quoted(written)} are the "
+                "same setting; keep one"
+            )
+        else:
+            settings[key] = value
+            spelled[key] = written
+    return settings, problems
+
+
+def _quoted(key: str) -> str:
+    """A file key as an error line shows it: quoted, with escapes, at most 80 characters."""
+    return repr(key if len(key) <= 80 else key[:79] + "…")
+
+
+def _where(
+    key: str,
+    given: Mapping[str, Any],
+    from_env: Mapping[str, Any],
+    config_file: str | os.PathLike[str] | None,
+) -> str:
+    """Where the value of ``key`` came from: the flag, the variable, or the file and key."""
+    if key in given:
+        return flag(key)
+    if key in from_env:
+        return env_name(key)
+    if config_file is not None and key:
+        return f"{key} in {config_file}"
+    return key or "configuration"
 
 
 def _describe(
@@ -211,16 +324,9 @@ def _describe(
     location = error["loc"]
     key = str(location[0]) if location else ""
     message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        return f"config file {config_file}: unknown setting {key!r}"
-    if key in given:
-        where = flag(key)
-    elif key in from_env:
-        where = env_name(key)
-    elif config_file is not None and key:
-        where = f"{key} in {config_file}"
-    else:
-        where = key or "configuration"
+    if error["type"] == "extra_forbidden":  # only from code: flags and files are checked
+        return f"{key!r}: not a setting"
+    where = _where(key, given, from_env, config_file)
     if len(location) > 1:  # an item of a list
         where += f" (item {int(location[1]) + 1})"
     return f"{where}: {message[:1].lower()}{message[1:]}"

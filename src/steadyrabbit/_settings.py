@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from ._url import BrokerAddress, mask_url, parse_url
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Settings:
     """How a :class:`Worker` connects and behaves. Validated on creation.
 
-    ``urls``: brokers tried in turn (several nodes of one cluster).
+    ``url`` (or ``urls``, the same; give one of them): brokers tried in turn (several nodes of
+    one cluster), one URL or a sequence of them; ``settings.urls`` and ``settings.url`` are the
+    tuple.
     ``heartbeat``: seconds; a dead peer is noticed after about two intervals. 0 disables it, which
     hides a dead broker for as long as the kernel keeps the socket (minutes): not recommended.
     ``connect_timeout``: at startup, give up if no broker accepted a connection within this many
@@ -48,6 +51,53 @@ class Settings:
     alerts: AlertSettings | None = None
     addresses: tuple[BrokerAddress, ...] = field(init=False, repr=False, compare=False)
 
+    # Written out (not generated) for ``url``, the name the README, the flags and the config
+    # file use, next to the field ``urls``. The parameters are the fields, in their order.
+    def __init__(
+        self,
+        urls: str | Sequence[str] | None = None,
+        heartbeat: int = 15,
+        connect_timeout: float = 60.0,
+        grace_period: float = 30.0,
+        consumer_timeout: float = 1800.0,
+        reconnect_delay: float = 0.5,
+        reconnect_delay_max: float = 30.0,
+        loop_lag_threshold: float = 1.0,
+        name: str = "steadyrabbit",
+        state_dir: Path | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        alerts: AlertSettings | None = None,
+        *,
+        url: str | Sequence[str] | None = None,
+    ) -> None:
+        if url is not None and urls is not None:
+            raise ConfigurationError("give the broker URLs as url or as urls, not both")
+        given = urls if urls is not None else url
+        values = {
+            "urls": (DEFAULT_URL,) if given is None else given,
+            "heartbeat": heartbeat,
+            "connect_timeout": connect_timeout,
+            "grace_period": grace_period,
+            "consumer_timeout": consumer_timeout,
+            "reconnect_delay": reconnect_delay,
+            "reconnect_delay_max": reconnect_delay_max,
+            "loop_lag_threshold": loop_lag_threshold,
+            "name": name,
+            "state_dir": state_dir,
+            "metrics_port": metrics_port,
+            "metrics_host": metrics_host,
+            "alerts": alerts,
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self.__post_init__()
+
+    @property
+    def url(self) -> tuple[str, ...]:
+        """The broker URLs: the same tuple as :attr:`urls`."""
+        return self.urls
+
     def __repr__(self) -> str:
         # The generated repr would show the broker URLs with their passwords.
         shown = ", ".join(
@@ -59,7 +109,13 @@ class Settings:
         return f"Settings(urls={urls!r}, {shown})"
 
     def __post_init__(self) -> None:
-        urls = tuple(self.urls) if not isinstance(self.urls, str) else (self.urls,)
+        given: object = self.urls
+        if isinstance(given, str):
+            urls: tuple[str, ...] = (given,)
+        elif isinstance(given, Sequence) and all(isinstance(url, str) for url in given):
+            urls = tuple(given)
+        else:
+            raise ConfigurationError("the broker URLs must be a string or a sequence of strings")
         if not urls:
             raise ConfigurationError("no broker URL given")
         object.__setattr__(self, "urls", urls)
