@@ -122,6 +122,16 @@ BAD_URL = f"amqp://guest:{PASSWORD}@127.0.0.1:1/%2F"
             id="prefetch-below-concurrency",
         ),
         pytest.param(
+            ["relay", "q", "http://x", "--prefetch", "0", "--url", BAD_URL],
+            "--prefetch: 0 means unlimited prefetch, which a steadyrabbit worker never uses",
+            id="relay-prefetch-0",
+        ),
+        pytest.param(
+            ["run", "tests.sample_app:app", "--prefetch", "0", "--url", BAD_URL],
+            "--prefetch: 0 means unlimited prefetch, which a steadyrabbit worker never uses",
+            id="run-prefetch-0",
+        ),
+        pytest.param(
             ["run", "tests.window_app:app", "--prefetch", "3", "--url", BAD_URL],
             "--prefetch: queue 'window-own-concurrency': the default prefetch is below its "
             "concurrency (4); give that consumer a prefetch of its own, or raise the default",

@@ -175,9 +175,9 @@ def test_each_problem_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     path.write_text("concurrency = 0\n")
     monkeypatch.setenv("STEADYRABBIT_HEARTBEAT", "often")
     with pytest.raises(ConfigurationError) as caught:
-        load_config({"prefetch": 0}, path)
+        load_config({"prefetch": -1}, path)
     assert sorted(str(caught.value).splitlines()) == [
-        "--prefetch: input should be greater than or equal to 1",
+        "--prefetch: input should be greater than or equal to 0",
         "STEADYRABBIT_HEARTBEAT: input should be a valid integer, unable to parse string as an "
         "integer",
         f"concurrency in {path}: input should be greater than or equal to 1",

@@ -287,6 +287,38 @@ def test_configured_prefetch_above_concurrency_with_slow_handler_warns(queue_nam
     assert "fix: leave --prefetch unset (prefetch = concurrency)" in result.flat
 
 
+def test_prefetch_0_describes_seed_1s_own_setting(queue_name: str) -> None:
+    """--prefetch 0 (unlimited, which run and relay refuse): doctor names the failure, critical
+    with a handler duration, a warning without."""
+    Admin(MAIN_URL).declare(queue_name)
+    Admin(MAIN_URL).declare(f"{queue_name}.dlq")
+    args = ["--url", MAIN_URL, "--consumer-timeout", "1800", "--concurrency", "4"]
+    args += ["--prefetch", "0"]
+    slow = doctor(queue_name, *args, "--handler-seconds", "70")
+    assert slow.status == EXIT_FAILURE, slow.output
+    assert slow.marked("✗") == [
+        "✗ prefetch 0 (unlimited) with handlers of 70 s: a backlog above 100 messages times out"
+    ], slow.stdout
+    assert "prefetch unlimited (0), concurrency 4" in slow.flat
+    assert "any backlog above 100 messages leaves a prefetched message waiting past the " in (
+        slow.flat
+    )
+    assert "PRECONDITION_FAILED" in slow.flat
+    assert "fix: set the consumer's prefetch to its concurrency" in slow.flat
+    assert slow.stderr == ""
+    document = doctor(queue_name, *args, "--handler-seconds", "70", "--json").json()
+    assert document["prefetch"] == 0
+    [finding] = [f for f in document["findings"] if f["level"] == "critical"]
+    assert finding["check"] == "prefetch-timeout"
+
+    unknown = doctor(queue_name, *args)
+    assert unknown.status == EXIT_OK, unknown.output
+    assert unknown.marked("!") == [
+        "! prefetch 0 (unlimited): the broker pushes the whole backlog into the consumer"
+    ], unknown.stdout
+    assert "Give --handler-seconds" in unknown.flat
+
+
 # -- (b) heartbeats ---------------------------------------------------------------------------
 
 
@@ -517,7 +549,7 @@ def test_passwords_never_appear(node: BrokerNode) -> None:
         (["--url", f"amqp://guest:{PASSWORD}@127.0.0.1:notaport/"], "the port must be a number"),
         (["--url", f"http://guest:{PASSWORD}@127.0.0.1/"], "the scheme must be amqp://"),
         (["--url", MAIN_URL, "--management-url", "ftp://somewhere"], "--management-url"),
-        (["--url", MAIN_URL, "--prefetch", "0"], "--prefetch"),
+        (["--url", MAIN_URL, "--prefetch", "-1"], "--prefetch"),
         (["--url", MAIN_URL, "--handler-seconds", "0"], "--handler-seconds"),
     ],
 )

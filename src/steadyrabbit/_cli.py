@@ -62,6 +62,8 @@ class _Option:
     metavar: str | None = None
     multiple: bool = False
     aliases: tuple[str, ...] = ()
+    #: The range shown in --help, when the command's differs from Config's.
+    limits: str | None = None
 
     def decorate(self, fn: F) -> F:
         default = Config.model_fields[self.key].default
@@ -70,7 +72,7 @@ class _Option:
         elif isinstance(default, tuple):
             default = ", ".join(map(str, default)) or None
         shown = "" if default is None else f"default: {default}; "
-        limits = _limits(self.key)
+        limits = _limits(self.key) if self.limits is None else self.limits
         return click.option(
             self.key,
             flag(self.key),
@@ -190,14 +192,25 @@ _WORKER = (
         "shows.", metavar="N",
     ),
 )
+_CONCURRENCY = _Option(
+    "concurrency", int, "Messages handled at once: for run, by each consumer that sets no "
+    "concurrency of its own; for the relay, requests in flight.",
+)
 _WINDOW = (
-    _Option(
-        "concurrency", int, "Messages handled at once: for run, by each consumer that sets no "
-        "concurrency of its own; for the relay, requests in flight.",
-    ),
+    _CONCURRENCY,
     _Option(
         "prefetch", int, "Messages the broker may send ahead (for run: to each consumer that "
         "sets no prefetch of its own).  (the concurrency when unset; never unlimited)",
+        limits="; 1<=x<=65535",
+    ),
+)
+# doctor also describes consumers that are not steadyrabbit's, such as seed 1's (prefetch 0).
+_DOCTOR_WINDOW = (
+    _CONCURRENCY,
+    _Option(
+        "prefetch", int, "Messages the broker may send ahead; 0 is unlimited, which a "
+        "steadyrabbit worker refuses: doctor then names what it leads to.  (the concurrency "
+        "when unset)",
     ),
 )
 _RELAY = (
@@ -405,12 +418,21 @@ def run_command(target: str, config: Config) -> None:
     consumers that set no concurrency or prefetch of their own.
     """
     settings = config.settings()
+    _refuse_unlimited_prefetch(config)
     if config.processes > 1:
         _supervise(config.processes, settings)  # the workers import the app, not the supervisor
     _warn_unused(config, "run", _RELAY, "relay settings")
     app = load_app(target)
     _apply_window(app, config)
     _serve(app, settings)
+
+
+def _refuse_unlimited_prefetch(config: Config) -> None:
+    if config.prefetch == 0:
+        raise ConfigurationError(
+            f"{config.source('prefetch')}: 0 means unlimited prefetch, which a steadyrabbit "
+            "worker never uses (only doctor accepts it, to describe a consumer that does)"
+        )
 
 
 def _apply_window(app: App, config: Config) -> None:
@@ -450,6 +472,7 @@ def relay_command(queue: str, target_url: str, config: Config) -> None:
     with the status and the start of the response.
     """
     settings = config.settings()
+    _refuse_unlimited_prefetch(config)
     if config.exchange is not None and config.routing_key is None:
         raise ConfigurationError("--exchange needs --routing-key")
     if config.routing_key is not None and config.exchange is None:
@@ -720,7 +743,7 @@ def dlq_purge_command(
 @cli.command("doctor")
 @click.argument("queues", nargs=-1, metavar="[QUEUE]...")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_configured(_BROKER, _WORKER, _WINDOW, _RELAY, _DOCTOR)
+@_configured(_BROKER, _WORKER, _DOCTOR_WINDOW, _RELAY, _DOCTOR)
 def doctor_command(queues: tuple[str, ...], as_json: bool, config: Config) -> None:
     """Check the broker, each QUEUE and these worker settings before running a worker.
 

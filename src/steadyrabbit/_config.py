@@ -73,7 +73,8 @@ class Config(BaseModel):
     metrics_host: str | None = Field(None, min_length=1)
     # run: the defaults of consumers registered without their own; relay: its consumer's.
     concurrency: int = Field(1, ge=1, le=65535)
-    prefetch: int | None = Field(None, ge=1, le=65535)
+    # 0 (unlimited) only describes another consumer to doctor; a worker refuses it.
+    prefetch: int | None = Field(None, ge=0, le=65535)
     # -- the relay
     exchange: str | None = None
     routing_key: str | None = None

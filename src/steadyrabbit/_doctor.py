@@ -722,7 +722,9 @@ def _configured_findings(
 ) -> list[Finding]:
     """The worker about to run with these settings, against ``timeout``."""
     findings = _handler_findings(handler, timeout, None)
-    if prefetch == concurrency:
+    if prefetch == 0:
+        findings.append(_unlimited_prefetch_finding(concurrency, handler, timeout))
+    elif prefetch == concurrency:
         findings.append(
             Finding(
                 "ok",
@@ -783,6 +785,36 @@ def _configured_findings(
                 )
             )
     return findings
+
+
+def _unlimited_prefetch_finding(concurrency: int, handler: float | None, timeout: float) -> Finding:
+    """--prefetch 0: seed 1's own setting, described (a steadyrabbit worker refuses it)."""
+    fix = (
+        "set the consumer's prefetch to its concurrency (a steadyrabbit worker does so when "
+        "--prefetch is unset, and never runs with 0)"
+    )
+    if handler is None:
+        return Finding(
+            "warning",
+            "prefetch-timeout",
+            "prefetch 0 (unlimited): the broker pushes the whole backlog into the consumer",
+            f"Once backlog {_TIMES} handler duration reaches the consumer_timeout of "
+            f"{_seconds(timeout)}, {_SEED1_FAILURE}. Give --handler-seconds to know how "
+            "large a backlog that takes.",
+            fix,
+        )
+    backlog = max(1, math.floor(timeout / handler) * concurrency)
+    return Finding(
+        "critical",
+        "prefetch-timeout",
+        f"prefetch 0 (unlimited) with handlers of {_seconds(handler)}: a backlog above "
+        f"{_plural(backlog, 'message')} times out",
+        f"The broker pushes the whole backlog into the consumer. With handlers of "
+        f"{_seconds(handler)}, {concurrency} at a time, any backlog above {backlog} messages "
+        f"leaves a prefetched message waiting past the consumer_timeout of "
+        f"{_seconds(timeout)}: {_SEED1_FAILURE}.",
+        fix,
+    )
 
 
 def _consumer_line(consumer: ConsumerReport) -> str:
@@ -1130,8 +1162,8 @@ async def diagnose(
     everything else, the management API included, ends up in the report."""
     if isinstance(concurrency, bool) or concurrency < 1:
         raise ConfigurationError("concurrency must be >= 1")
-    if prefetch is not None and (isinstance(prefetch, bool) or prefetch < 1):
-        raise ConfigurationError("prefetch must be >= 1 (steadyrabbit never uses unlimited)")
+    if prefetch is not None and (isinstance(prefetch, bool) or prefetch < 0):
+        raise ConfigurationError("prefetch must be >= 0 (0: unlimited)")
     if handler_seconds is not None and not (handler_seconds > 0 and math.isfinite(handler_seconds)):
         raise ConfigurationError("handler duration must be > 0 seconds")
     prefetch = concurrency if prefetch is None else prefetch
@@ -1291,11 +1323,13 @@ def format_report(report: DoctorReport, *, unicode: bool = True) -> str:
     handler = (
         _seconds(report.handler_seconds) if report.handler_seconds is not None else "not given"
     )
-    lines.append(
-        f"  worker settings: heartbeat {report.heartbeat_requested} s, prefetch "
-        f"{report.prefetch}, concurrency {report.concurrency}, handler {handler}, "
+    prefetch = "unlimited (0)" if report.prefetch == 0 else str(report.prefetch)
+    line = (
+        f"worker settings: heartbeat {report.heartbeat_requested} s, prefetch "
+        f"{prefetch}, concurrency {report.concurrency}, handler {handler}, "
         f"consumer_timeout {_seconds(report.consumer_timeout)}"
     )
+    lines.extend(_wrap(line, "  ", "    "))
     for queue in report.queues:
         if not queue.exists:
             continue
