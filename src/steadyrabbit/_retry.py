@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._backoff import backoff_delay
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, HandlerExit
 
 # Delays are rounded to this ladder (times a power of ten, in seconds) so that a consumed queue
 # needs a bounded number of retry queues (one per delay: a message's TTL only expires at the
@@ -72,6 +72,10 @@ class RetryPolicy:
         return ms if ms in self._exact else ladder_ms(delay)
 
     def is_permanent(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is of a ``permanent`` type; for a :class:`HandlerExit`, whether the
+        SystemExit (or the like) that the handler raised is."""
+        if isinstance(exc, HandlerExit) and isinstance(exc.exception, self.permanent):
+            return True
         return isinstance(exc, self.permanent)
 
 
