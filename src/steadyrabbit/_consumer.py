@@ -416,7 +416,10 @@ class Consumer:
         reaches the broker as a success and forget the start that killed the connection.
         """
         channel = message._channel
+        heartbeat = channel.connection.negotiated_heartbeat
         if not channel.closed.done():
+            if heartbeat == 0 or message.blocked_loop < heartbeat:
+                return True  # too short a stall to cost the connection: no need to look
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(channel.closed), _STALL_SETTLE)
         if not channel.closed.done():

@@ -25,8 +25,9 @@ class RetryPolicy:
     exactly. Without it: exponential backoff from ``base`` doubling to ``cap``, with jitter,
     rounded to a ladder of 1, 1.5, 2, 3, 5, 7 x 10^k seconds.
     ``permanent``: exception types that are dead-lettered at once, without retry.
-    ``max_deliveries``: a message delivered this many times without ever being settled (its
-    handler killed the process or the connection each time) is dead-lettered instead of run.
+    ``max_deliveries``: a message started this many times without finishing (its handler
+    killed the process, or blocked the event loop until the connection died, each time) is
+    dead-lettered instead of run again.
     """
 
     max_attempts: int = 5
