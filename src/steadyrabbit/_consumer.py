@@ -29,6 +29,7 @@ from ._errors import (
     ChannelClosedError,
     ClosedByUserError,
     ConnectionLostError,
+    HandlerExit,
     PermanentBrokerError,
     PublishRefusedError,
     Reject,
@@ -394,7 +395,10 @@ class Consumer:
             error_type = _qualified_name(exc.__cause__ or exc)
         except Exception as exc:
             self._stats.handler_errors += 1
-            reason, error_type = f"{type(exc).__name__}: {exc}", _qualified_name(exc)
+            if isinstance(exc, HandlerExit):  # sys.exit() in a handler: name what it raised
+                reason, error_type = str(exc), _qualified_name(exc.exception)
+            else:
+                reason, error_type = f"{type(exc).__name__}: {exc}", _qualified_name(exc)
             permanent = self._retry.is_permanent(exc)
             outcome = Outcome.DEAD_LETTER if permanent else Outcome.RETRY
             log.warning("handler %s failed on %r", self.spec.name, message, exc_info=True)
