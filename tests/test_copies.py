@@ -359,3 +359,39 @@ def test_a_memory_alarm_does_not_pile_up_copies(
         assert private_admin.counts(queue) == (0, 0)
     finally:
         private_admin.delete(queue, f"{queue}.dlq")
+
+
+def test_an_unroutable_copy_is_logged_as_returned_not_as_a_closed_channel(
+    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 8.18: a copy returned as unroutable (its retry queue deleted under the worker) was
+    logged as "channel closed by the broker: 312 NO_ROUTE" although the channel stays open.
+    Now the log says what happened, the queue is declared again and the copy delivered."""
+    retry_queue = f"{queue_name}.retry.50ms"
+    admin.declare(queue_name)
+    app = App(retry=RetryPolicy(delays=(0.05,)))
+    attempts: list[int] = []
+    deleted = asyncio.Event()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        attempts.append(message.attempt)
+        if message.attempt == 2:
+            await asyncio.to_thread(admin.delete, retry_queue)  # an operator's clean-up
+            deleted.set()
+        if message.attempt < 3:
+            raise Retry("again")
+
+    async def scenario() -> None:
+        async with Worker(app, settings()) as worker:
+            await admin.run(admin.publish, queue_name, [b"returned once"])
+            await eventually(lambda: worker.stats.succeeded == 1, what="the third attempt")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.delete(retry_queue)
+    assert attempts == [1, 2, 3]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("returned it as unroutable" in m for m in messages), messages
+    assert not any("channel closed by the broker: 312" in m for m in messages)
