@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +25,22 @@ from typing import Any
 import pika
 import pika.spec
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from steadyrabbit import App, Message, Reject, Worker
 from steadyrabbit import _headers as h
 from steadyrabbit._dlq import (
+    _replay_properties,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
 )
-from steadyrabbit._errors import ConfigurationError
+from steadyrabbit._errors import ConfigurationError, PublishRefusedError
 from steadyrabbit._preview import PREVIEW_CHARS, body_preview
 from steadyrabbit._settings import Settings
-from tests.conftest import MAIN_URL, Admin
+from tests.conftest import MAIN_URL, SESSION_PREFIX, Admin, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -118,12 +125,14 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("STEADYRABBIT_")}
 
 
-def steadyrabbit(*args: str, url: bool = True, timeout: float = 30) -> Result:
-    """``python -m steadyrabbit ARGS --url MAIN_URL``, stdin not a terminal."""
+def steadyrabbit(
+    *args: str, url: bool = True, timeout: float = 30, env: dict[str, str] | None = None
+) -> Result:
+    """``python -m steadyrabbit ARGS --url MAIN_URL``, stdin not a terminal, stdout a pipe."""
     done = subprocess.run(
         [sys.executable, "-m", "steadyrabbit", *args, *(["--url", MAIN_URL] if url else [])],
         cwd=ROOT,
-        env=_env(),
+        env={**_env(), **(env or {})},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -268,7 +277,7 @@ def test_body_preview_never_cuts_an_escape_in_half() -> None:
 # -- replay ------------------------------------------------------------------------------------
 
 
-async def test_replay_moves_every_message_back_once_without_our_headers(
+async def test_replay_moves_every_message_back_once_without_its_failure_record(
     admin: Admin, queue_name: str
 ) -> None:
     letters = [Letter(f"order {i}".encode(), queue_header=i != 2) for i in range(5)]
@@ -286,9 +295,14 @@ async def test_replay_moves_every_message_back_once_without_our_headers(
     assert bodies(replayed) == [letter.body for letter in letters]
     for index, (props, _body) in enumerate(replayed):
         headers = props.headers or {}
-        # All of steadyrabbit's failure headers are gone (the publish id is the new copy's own).
-        assert {k for k in headers if k.startswith(h.PREFIX)} <= {h.PUBLISH_ID}
-        assert {k: v for k, v in headers.items() if k != h.PUBLISH_ID} == {
+        # The failure record is gone; where the message came from stays, for its handler (the
+        # publish id is the new copy's own, hidden from handlers).
+        assert {k for k in headers if k.startswith(h.PREFIX)} == {
+            h.EXCHANGE, h.ROUTING_KEY, h.PUBLISH_ID
+        }  # fmt: skip
+        assert headers[h.EXCHANGE] == "orders-exchange"
+        assert headers[h.ROUTING_KEY] == f"orders.created.{index}"
+        assert {k: v for k, v in headers.items() if not k.startswith(h.PREFIX)} == {
             **USER_HEADERS,
             "index": index,
         }
@@ -303,6 +317,259 @@ async def test_replay_moves_every_message_back_once_without_our_headers(
         assert props.type == "order.created"
         assert props.app_id == "shop"
     assert admin.counts(f"{queue_name}.dlq") == (0, 0)
+
+
+@pytest.fixture
+def topic_exchange(admin: Admin, queue_name: str) -> Iterator[str]:
+    name = f"{queue_name}-topic"
+    with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+        connection.channel().exchange_declare(name, "topic", durable=True)
+    yield name
+    admin.delete_exchange(name)
+
+
+def peek(admin: Admin, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """The ready messages of ``queue``, given back in order (a passive look, as dlq list does)."""
+    with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+        channel = connection.channel()
+        seen: list[tuple[pika.BasicProperties, bytes]] = []
+        last = 0
+        while True:
+            method, props, body = channel.basic_get(queue)
+            if method is None or props is None or body is None:
+                break
+            last = int(method.delivery_tag or 0)
+            seen.append((props, body))
+        if last:
+            channel.basic_nack(last, multiple=True, requeue=True)
+        return seen
+
+
+@dataclass(frozen=True)
+class Seen:
+    exchange: str
+    routing_key: str
+    attempt: int
+    headers: dict[str, Any]
+
+
+def test_a_replayed_message_keeps_its_origin_and_goes_nowhere_else(
+    admin: Admin, queue_name: str, topic_exchange: str, tmp_path: Path
+) -> None:
+    """Issue 8: after a replay the original routing key was gone. Now a handler sees the same
+    exchange, routing key and attempt number as on the first delivery, and the replay neither
+    fans out by the original's CC header nor claims its user_id."""
+    cc_queue = f"{queue_name}-cc"
+    admin.declare(queue_name)
+    admin.declare(cc_queue)
+    with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+        channel = connection.channel()
+        channel.queue_bind(queue_name, topic_exchange, "a.b.c")
+        channel.queue_bind(cc_queue, topic_exchange, cc_queue)
+    # CC names a queue both as a topic key and as a default-exchange route, so a copy that
+    # restored it would land there through either exchange.
+    sent = pika.BasicProperties(
+        delivery_mode=2, headers={"CC": [cc_queue], "tenant": "acme"}, user_id="guest",
+        message_id="contract-7",
+    )  # fmt: skip
+    admin.publish(queue_name, [b"contract 7"], exchange=topic_exchange, routing_key="a.b.c",
+                  properties=sent)  # fmt: skip
+    assert bodies(admin.drain(cc_queue)) == [b"contract 7"]  # CC works on the original
+    seen: list[Seen] = []
+    app = App()
+
+    @app.consumer(queue_name)
+    def handle(message: Message) -> None:
+        seen.append(Seen(message.exchange, message.routing_key, message.attempt, message.headers))
+        if len(seen) == 1:
+            raise Reject("not yet")
+
+    worker_settings = Settings(urls=(MAIN_URL,), connect_timeout=10, state_dir=tmp_path)
+
+    async def work_until(done: Callable[[Worker], bool]) -> None:
+        async with Worker(app, worker_settings) as worker:
+            await eventually(lambda: done(worker), what="the handler's outcome")
+
+    try:
+        asyncio.run(work_until(lambda worker: worker.stats.dead_lettered == 1))
+        result = asyncio.run(replay_dead_letters(settings(), queue_name))
+        assert result.replayed == 1
+
+        [(props, body)] = peek(admin, queue_name)
+        headers = props.headers or {}
+        assert body == b"contract 7"
+        assert headers[h.EXCHANGE] == topic_exchange
+        assert headers[h.ROUTING_KEY] == "a.b.c"
+        assert h.ATTEMPTS not in headers
+        assert not {h.REASON, h.EXCEPTION, h.FAILED_AT, h.FIRST_FAILED_AT} & set(headers)
+        assert "CC" not in headers
+        assert "BCC" not in headers
+        assert headers[h.CC] == [cc_queue]  # kept for the record
+        assert props.user_id is None
+        assert headers[h.USER_ID] == "guest"
+        assert headers["tenant"] == "acme"
+        assert props.message_id == "contract-7"
+        assert admin.counts(cc_queue) == (0, 0)
+
+        asyncio.run(work_until(lambda worker: worker.stats.acked == 1))
+        assert [(s.exchange, s.routing_key, s.attempt) for s in seen] == [
+            (topic_exchange, "a.b.c", 1),
+            (topic_exchange, "a.b.c", 1),  # attempts start again after a replay
+        ]
+        assert h.PUBLISH_ID not in seen[1].headers
+        assert admin.counts(cc_queue) == (0, 0)
+        assert admin.counts(queue_name) == (0, 0)
+    finally:
+        admin.delete(cc_queue)
+
+
+# Header values the broker stores and gives back as they are (AMQP field-table types).
+_VALUES = st.one_of(
+    st.text(max_size=20),
+    st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    st.booleans(),
+    st.lists(st.text(max_size=10), max_size=3),
+)
+_USER_HEADERS = st.dictionaries(
+    st.text(min_size=1, max_size=12).filter(
+        lambda key: not key.startswith(h.PREFIX) and key not in ("CC", "BCC", "x-delivery-count")
+        and not key.startswith(("x-death", "x-first-death", "x-last-death"))
+    ),
+    _VALUES,
+    max_size=5,
+)  # fmt: skip
+_OURS = st.fixed_dictionaries(
+    {},
+    optional={
+        h.ATTEMPTS: st.integers(0, 100),
+        h.REASON: st.text(max_size=30),
+        h.EXCEPTION: st.text(max_size=30),
+        h.FAILED_AT: st.text(max_size=30),
+        h.FIRST_FAILED_AT: st.text(max_size=30),
+        h.QUEUE: st.text(max_size=30),
+        h.PUBLISH_ID: st.text(max_size=10),
+        h.EXCHANGE: st.text(max_size=30),
+        h.ROUTING_KEY: st.text(max_size=30),
+        h.CC: st.lists(st.text(max_size=10), max_size=2),
+        h.USER_ID: st.text(max_size=10),
+        h.PREFIX + "from-a-later-version": st.text(max_size=10),
+        "x-delivery-count": st.integers(0, 100),
+        "x-first-death-reason": st.just("expired"),
+    },
+)
+_KEPT = {h.EXCHANGE, h.ROUTING_KEY, h.CC, h.BCC, h.USER_ID}
+
+
+@given(
+    user=_USER_HEADERS,
+    ours=_OURS,
+    cc=st.none() | st.lists(st.text(max_size=10), max_size=3),
+    bcc=st.none() | st.lists(st.text(max_size=10), max_size=3),
+    user_id=st.none() | st.text(max_size=10),
+)
+def test_replay_headers_keep_the_origin_and_never_route_or_claim_a_user(
+    user: dict[str, Any],
+    ours: dict[str, Any],
+    cc: list[str] | None,
+    bcc: list[str] | None,
+    user_id: str | None,
+) -> None:
+    """Any dead letter, also one made before CC/BCC were moved aside: the replayed copy keeps
+    the user headers and the origin, records CC/BCC/user_id, and carries nothing else of ours."""
+    found = {**user, **ours}
+    if cc is not None:
+        found["CC"] = cc
+    if bcc is not None:
+        found["BCC"] = bcc
+    props = pika.BasicProperties(headers=found, user_id=user_id, delivery_mode=1)
+
+    copy = _replay_properties(props)
+
+    headers = copy.headers or {}
+    assert copy.user_id is None
+    assert copy.delivery_mode == 2
+    assert "CC" not in headers
+    assert "BCC" not in headers
+    assert {k for k in headers if k.startswith(h.PREFIX)} <= _KEPT
+    assert "x-delivery-count" not in headers
+    assert not any(k.startswith(("x-death", "x-first-death", "x-last-death")) for k in headers)
+    assert {k: v for k, v in headers.items() if k not in _KEPT} == user
+    for key in (h.EXCHANGE, h.ROUTING_KEY):
+        assert headers.get(key) == ours.get(key)
+    # An existing record wins over a header found on the dead letter itself.
+    assert headers.get(h.CC) == ours.get(h.CC, cc)
+    assert headers.get(h.BCC) == bcc
+    assert headers.get(h.USER_ID) == ours.get(h.USER_ID, user_id)
+
+
+@hypothesis_settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    user=_USER_HEADERS,
+    ours=_OURS,
+    routed=st.lists(st.sampled_from(["self", "other"]), max_size=3),
+    as_guest=st.booleans(),
+)
+def test_generated_dead_letters_replay_to_their_queue_alone(
+    admin: Admin, user: dict[str, Any], ours: dict[str, Any], routed: list[str], as_guest: bool
+) -> None:
+    """On the broker: dead letters (old ones too) whose CC/BCC name the queue or another one,
+    with and without a user_id, are replayed exactly once, to their queue only."""
+    queue = f"{SESSION_PREFIX}replay-{uuid.uuid4().hex[:8]}"
+    other = f"{queue}-other"
+    names = {"self": queue, "other": other}
+    ours = {**ours, h.QUEUE: queue}
+    found = {**user, **ours, **({"CC": [names[t] for t in routed]} if routed else {})}
+    if routed:
+        found["BCC"] = [names[t] for t in reversed(routed)]
+    for name in (queue, other, f"{queue}.dlq"):
+        admin.declare(name)
+    try:
+        props = pika.BasicProperties(
+            delivery_mode=2, headers=found, user_id="guest" if as_guest else None
+        )
+        admin.publish(f"{queue}.dlq", [b"m"], properties=props)
+        admin.drain(queue)  # what the CC/BCC of this publish put there: not the replay's doing
+        admin.drain(other)
+
+        result = asyncio.run(replay_dead_letters(settings(), queue))
+
+        assert result.replayed == 1
+        [(replayed, body)] = admin.drain(queue)
+        assert body == b"m"
+        assert replayed.user_id is None
+        assert {k: v for k, v in (replayed.headers or {}).items() if k not in _KEPT} == {
+            **user, h.PUBLISH_ID: (replayed.headers or {})[h.PUBLISH_ID]
+        }  # fmt: skip
+        assert admin.counts(other) == (0, 0)
+        assert admin.counts(f"{queue}.dlq") == (0, 0)
+    finally:
+        admin.delete(queue, other, f"{queue}.dlq")
+
+
+async def test_a_quorum_dead_letter_queue_count_of_looks_is_not_replayed(
+    admin: Admin, queue_name: str
+) -> None:
+    """A quorum queue counts every delivery in x-delivery-count, the looks of `dlq list` and
+    `dlq show` too: that count belongs to the dead letter, not to the replayed message."""
+    admin.declare(queue_name)
+    admin.declare(f"{queue_name}.dlq", {"x-queue-type": "quorum"})
+    props = dead_letter_properties(queue_name, 0, Letter(b"q"))
+    admin.publish(f"{queue_name}.dlq", [b"q"], properties=props)
+    for _ in range(2):
+        report = await list_dead_letters(settings(), queue_name)
+        assert report.count == 1
+    [(looked_at, _)] = peek(admin, f"{queue_name}.dlq")
+    looks = (looked_at.headers or {})["x-delivery-count"]
+    assert isinstance(looks, int)
+    assert looks >= 2  # what the broker adds
+
+    await replay_dead_letters(settings(), queue_name)
+
+    [(replayed, body)] = admin.drain(queue_name)
+    assert body == b"q"
+    assert "x-delivery-count" not in (replayed.headers or {})
 
 
 async def test_replay_sends_each_message_to_the_queue_it_failed_in(
@@ -367,6 +634,23 @@ def test_replay_with_an_error_filter_leaves_the_others_in_order(
     # The skipped ones are untouched, steadyrabbit's headers included.
     exceptions = [(p.headers or {}).get(h.EXCEPTION) for p, _ in left]
     assert exceptions == ["ValueError", "KeyError", "ValueError"]
+
+
+async def test_replay_to_a_queue_that_refuses_it_keeps_the_message(
+    admin: Admin, queue_name: str
+) -> None:
+    admin.declare(queue_name, {"x-max-length": 1, "x-overflow": "reject-publish"})
+    admin.publish(queue_name, [b"full"])
+    admin.declare(f"{queue_name}.dlq")
+    for index, body in enumerate([b"first", b"second"]):
+        props = dead_letter_properties(queue_name, index, Letter(body))
+        admin.publish(f"{queue_name}.dlq", [body], properties=props)
+
+    with pytest.raises(PublishRefusedError, match=r"cannot replay to queue .*: the broker refused"):
+        await replay_dead_letters(settings(), queue_name)
+
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"first", b"second"]
+    assert bodies(admin.drain(queue_name)) == [b"full"]
 
 
 async def test_replay_with_a_filter_and_a_limit(admin: Admin, queue_name: str) -> None:

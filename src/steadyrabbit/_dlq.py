@@ -24,6 +24,8 @@ from ._errors import (
     AccessRefusedError,
     ChannelClosedError,
     ConfigurationError,
+    MessageReturnedError,
+    PublishRefusedError,
 )
 from ._message import persistent_copy
 from ._preview import body_preview
@@ -38,8 +40,6 @@ __all__ = [
     "purge_dead_letters",
     "replay_dead_letters",
 ]
-
-_NO_ROUTE = 312  # basic.return reply code: no queue matched the routing key
 
 Progress = Callable[[int, int], None]
 
@@ -150,8 +150,9 @@ def _matches(props: pika.spec.BasicProperties, needle: str) -> bool:
 
 
 def _replay_properties(props: pika.spec.BasicProperties) -> pika.spec.BasicProperties:
-    """The message's properties as first published: steadyrabbit's headers gone, persistent."""
-    return persistent_copy(props, headers.without_ours(props.headers), keep_expiration=True)
+    """The message's properties as first published, persistent, with the headers a replay keeps
+    (see :func:`._headers.for_replay`); CC, BCC and user_id stay records, never restored."""
+    return persistent_copy(props, headers.for_replay(props.headers), keep_expiration=True)
 
 
 # -- the connection ----------------------------------------------------------------------------
@@ -239,9 +240,12 @@ async def replay_dead_letters(
     """Move the dead letters of ``<queue>.dlq`` back to the queue they were consumed from.
 
     Each message goes to the queue named by its ``x-steadyrabbit-queue`` header (else ``queue``)
-    through the default exchange, with its properties and user headers but without
-    steadyrabbit's (so its attempts start again), persistent. It is published with confirms on
-    its own channel and its dead-letter copy acked only once the broker confirmed it.
+    through the default exchange, persistent, with its properties and user headers and the
+    record of its original exchange and routing key, without its failure record (so its
+    attempts start again). Nothing it carries routes it elsewhere or changes whom the broker
+    checks it against: CC, BCC and user_id stay records (see :func:`._headers.for_replay`).
+    It is published with confirms on its own channel and its dead-letter copy acked only once
+    the broker confirmed it.
 
     Only the messages present at the start are looked at, so messages that fail again while the
     replay runs are not replayed in a loop. ``error_filter``: replay only messages whose reason
@@ -309,15 +313,17 @@ async def _publish(
     dlq: str,
     replayed: int,
 ) -> None:
+    rest = f"{replayed} replayed, the rest stay in {dlq}"
     try:
         await channel.publish_confirmed("", target, body, _replay_properties(props))
-    except ChannelClosedError as exc:
-        if exc.reply_code == _NO_ROUTE:
-            raise ConfigurationError(
-                f"cannot replay to queue {target!r}: it does not exist; "
-                f"{replayed} replayed, the rest stay in {dlq}"
-            ) from None
-        raise
+    except MessageReturnedError:
+        raise ConfigurationError(
+            f"cannot replay to queue {target!r}: it does not exist; {rest}"
+        ) from None
+    except PublishRefusedError as exc:
+        raise PublishRefusedError(
+            f"cannot replay to queue {target!r}: {exc}; {rest}", reply_code=exc.reply_code
+        ) from exc
 
 
 async def purge_dead_letters(settings: Settings, queue: str) -> int:
