@@ -9,6 +9,8 @@ connection that held messages has closed, by then every requeue has been process
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,16 @@ from hypothesis import strategies as st
 from steadyrabbit import App, Message, Reject, Worker
 from steadyrabbit import _headers as h
 from steadyrabbit._dlq import (
+    DeadLetter,
+    DeadLetterReport,
     _replay_properties,
+    error_headline,
+    exception_name,
+    format_dead_letters,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
+    show_dead_letter,
 )
 from steadyrabbit._errors import ConfigurationError, PublishRefusedError
 from steadyrabbit._preview import PREVIEW_CHARS, body_preview
@@ -163,7 +171,7 @@ def succeeded(result: Result) -> str:
 # -- list --------------------------------------------------------------------------------------
 
 
-def test_list_shows_the_count_and_rows_and_leaves_the_queue_as_it_was(
+def test_list_leads_with_the_error_and_leaves_the_queue_as_it_was(
     admin: Admin, queue_name: str
 ) -> None:
     letters = [
@@ -174,26 +182,22 @@ def test_list_shows_the_count_and_rows_and_leaves_the_queue_as_it_was(
     ]
     fill_dlq(admin, queue_name, letters)
 
-    output = succeeded(steadyrabbit("dlq", "list", queue_name))
+    output = succeeded(steadyrabbit("dlq", "list", queue_name))  # piped: nothing is cut
     lines = output.splitlines()
     assert lines[0] == f"{queue_name}.dlq: 4 messages"
     header, *rows = lines[1:]
-    assert header.split() == ["#", "FAILED", "AT", "ATTEMPTS", "EXCEPTION", "REASON", "BODY"]
+    assert header.split() == ["#", "ERROR", "EXCEPTION", "FAILED", "AT", "ATTEMPTS", "BODY"]
     assert len(rows) == 4
-    assert rows[0].split()[:4] == ["1", "2024-05-01T12:05:00.500+00:00", "5", "ValueError"]
-    assert rows[0].endswith('{"order": 1}')
-    assert rows[1].split()[:4] == [
-        "2",
-        "2024-05-01T12:05:01.500+00:00",
-        "3",
-        "httpx.ConnectTimeout",
-    ]
-    assert "ConnectTimeout: timed out" in rows[1]
-    assert rows[2].split()[:3] == ["3", "2024-05-01T12:05:02.500+00:00", "-"]  # no attempts
-    assert rows[2].endswith("line one\\nline two\\x00")  # escaped, one line per message
-    assert "KeyError: 'sku'\\nwith" in rows[2]
+    # The error first, without the type it repeats; then the type, when, how many attempts.
+    assert rows[0].split("  ")[0:2] == ["1", "amount must be positive"]
+    assert rows[0].split()[-5:-1] == ["ValueError", "2024-05-01T12:05:00Z", "5", '{"order":']
+    assert rows[1].split()[:3] == ["2", "timed", "out"]
+    assert rows[1].split()[3:6] == ["ConnectTimeout", "2024-05-01T12:05:01Z", "3"]
+    assert rows[2].startswith("3  'sku'\\nwith a second line  ")  # one line per message
+    assert rows[2].split()[5:8] == ["KeyError", "2024-05-01T12:05:02Z", "-"]  # no attempts
+    assert rows[2].endswith("line one\\nline two\\x00")
+    assert "r" * 200 in rows[3]  # the whole error
     assert rows[3].endswith("x" * (PREVIEW_CHARS - 3) + "...")
-    assert "r" * 41 not in rows[3]  # the reason is cut for the table
 
     limited = succeeded(steadyrabbit("dlq", "list", queue_name, "--limit", "2")).splitlines()
     assert limited[0] == f"{queue_name}.dlq: 4 messages (showing the first 2; see --limit)"
@@ -206,6 +210,50 @@ def test_list_shows_the_count_and_rows_and_leaves_the_queue_as_it_was(
         expected = dead_letter_properties(queue_name, index, letters[index])
         assert props.headers == expected.headers
         assert props.message_id == expected.message_id
+
+
+RELAY_REASON = (
+    "gave up after 5 attempts: POST http://reports.example/api/contracts/v2/upload answered "
+    "503: upstream busy, try again later (maintenance window until 14:00 UTC)"
+)
+
+
+@pytest.mark.parametrize("columns", [80, 100, 200])
+def test_list_shows_the_relay_status_and_body_first_within_the_terminal(
+    admin: Admin, queue_name: str, columns: int
+) -> None:
+    """Issue 8: the reason was cut at 40 characters, leaving `POST http://host/...`, and the
+    exception read steadyrabbit._errors.Retry. Now the status and body come first, the row
+    fits the terminal, and a wide one shows the whole error."""
+    fill_dlq(
+        admin,
+        queue_name,
+        [
+            Letter(b'{"contract": 7}', "steadyrabbit._errors.Retry", RELAY_REASON, 5),
+            Letter(b"{}", "steadyrabbit._errors.Reject", "POST http://r.ex/ answered 404: no", 1),
+            Letter(b"{}", "httpx.ReadTimeout", "POST http://r.ex/ timed out after 30 s", 2),
+        ],
+    )
+
+    result = steadyrabbit("dlq", "list", queue_name, env={"COLUMNS": str(columns)})
+
+    header, *rows = succeeded(result).splitlines()[1:]
+    assert all(len(line) <= columns for line in [header, *rows]), (columns, rows)
+    error = "503: upstream busy, try again later (maintenance window until 14:00 UTC)"
+    first = rows[0].split()
+    assert first[:3] == ["1", "503:", "upstream"]
+    if columns >= 200:
+        assert error in rows[0]
+        assert rows[0].endswith('{"contract": 7}')
+    else:  # the error takes the room; the body is left to `dlq show`
+        assert rows[0].split("  ")[1].endswith("...")
+        assert len(rows[0].split("  ")[1]) >= columns - 50
+        assert "BODY" not in header
+    assert "steadyrabbit" not in rows[0]
+    assert "Retry" not in rows[0]
+    assert rows[1].split()[:4] == ["2", "404:", "no", "-"]  # a Reject: no exception type
+    assert rows[2].split()[:8] == ["3", "timed", "out", "after", "30", "s", "ReadTimeout",
+                                   "2024-05-01T12:05:02Z"]  # fmt: skip
 
 
 def test_list_json(admin: Admin, queue_name: str) -> None:
@@ -272,6 +320,222 @@ def test_body_preview_never_cuts_an_escape_in_half() -> None:
         preview = body_preview(b"a\x01" * size)
         assert len(preview) <= PREVIEW_CHARS
         assert preview.endswith(("...", "\\x01", "a")) or preview == ""
+
+
+# The exception types a dead letter can name: the control-flow ones (shown as nothing), dotted
+# names, and arbitrary text from a message that did not come from steadyrabbit.
+_EXCEPTIONS = st.one_of(
+    st.none(),
+    st.sampled_from(
+        ["steadyrabbit._errors.Retry", "steadyrabbit._errors.Reject", "ValueError",
+         "httpx.ReadTimeout", "json.decoder.JSONDecodeError", "CrashLoop"]
+    ),
+    st.text(max_size=60),
+)  # fmt: skip
+_REASONS = st.one_of(
+    st.none(),
+    st.text(max_size=300),
+    st.builds(
+        lambda attempts, path, status, body: (
+            f"gave up after {attempts} attempts: POST http://host{path} answered {status}: {body}"
+        ),
+        st.integers(1, 99),
+        st.text(alphabet="/abc.-_", max_size=40),
+        st.integers(100, 599),
+        st.text(max_size=200),
+    ),
+)
+_STAMPS = st.one_of(
+    st.none(),
+    st.datetimes(timezones=st.just(dt.UTC)).map(lambda d: d.isoformat(timespec="milliseconds")),
+    st.text(max_size=40),
+)
+_LETTERS = st.builds(
+    DeadLetter,
+    position=st.just(0),
+    reason=_REASONS,
+    exception=_EXCEPTIONS,
+    attempts=st.none() | st.integers(0, 10**6),
+    first_failed_at=_STAMPS,
+    failed_at=_STAMPS,
+    queue=st.none(),
+    exchange=st.none(),
+    routing_key=st.none(),
+    message_id=st.none(),
+    body_preview=st.binary(max_size=200).map(body_preview),
+    body_size=st.integers(0, 10**6),
+)
+# Wide enough for the fixed columns at their widest (# to 3 digits, exception 30, failure time
+# 32, attempts 8, gaps) and the error's minimum of 20 characters.
+_ROOMY = 3 + 30 + 32 + 8 + 4 * 2 + 20
+
+
+@given(
+    letters=st.lists(_LETTERS, min_size=1, max_size=12),
+    width=st.none() | st.integers(_ROOMY, 400),
+)
+def test_every_table_row_is_one_line_within_the_width_leading_with_its_error(
+    letters: list[DeadLetter], width: int | None
+) -> None:
+    entries = tuple(replace(letter, position=i) for i, letter in enumerate(letters, start=1))
+    report = DeadLetterReport("q", "q.dlq", len(entries) + 3, entries)
+
+    lines = format_dead_letters(report, width).split("\n")
+
+    assert len(lines) == 2 + len(entries)
+    position_width = len(str(len(entries)))
+    for entry, line in zip(entries, lines[2:], strict=True):
+        if width is not None:
+            assert len(line) <= width
+        error = body_preview(error_headline(entry), sys.maxsize)
+        cell = line[position_width + 2 :]
+        fits = width is None or len(error) <= width - _ROOMY + 20
+        # At least 20 characters, less an escape sequence (up to 10) never cut in half.
+        assert cell.startswith(error if fits else error[:8]), (error, cell)
+        assert len(line) <= (width or len(line))
+
+
+def test_the_error_headline_drops_what_repeats() -> None:
+    def letter(reason: str | None, exception: str | None = None) -> DeadLetter:
+        return DeadLetter(0, reason, exception, 1, None, None, None, None, None, None, "", 0)
+
+    assert error_headline(letter(RELAY_REASON, "steadyrabbit._errors.Retry")) == (
+        "503: upstream busy, try again later (maintenance window until 14:00 UTC)"
+    )
+    refused = "POST http://h/x failed: ConnectError: [Errno 111] Connection refused"
+    assert error_headline(letter(refused, "httpx.ConnectError")) == "[Errno 111] Connection refused"
+    assert error_headline(letter("ValueError: bad", "ValueError")) == "bad"
+    undecodable = "undecodable body: JSONDecodeError: x"
+    assert error_headline(letter(undecodable, "json.decoder.JSONDecodeError")) == undecodable
+    assert error_headline(letter("ValueError: ", "ValueError")) == "ValueError: "  # never empty
+    assert error_headline(letter(None)) == "-"
+    assert exception_name("steadyrabbit._errors.Retry") is None
+    assert exception_name("httpx.ReadTimeout") == "ReadTimeout"
+
+
+# -- show --------------------------------------------------------------------------------------
+
+
+def test_show_prints_one_message_whole_and_leaves_the_queue_as_it_was(
+    admin: Admin, queue_name: str
+) -> None:
+    body = b'{"contract": 7, "note": "line one\nline two \x1b[31mred\x1b[0m"}'
+    letters = [Letter(b"first"), Letter(body, "steadyrabbit._errors.Retry", RELAY_REASON, 5)]
+    letters.append(Letter(b"third"))
+    fill_dlq(admin, queue_name, letters)
+
+    output = succeeded(steadyrabbit("dlq", "show", queue_name, "2"))
+
+    lines = output.splitlines()
+    assert lines[0] == f"{queue_name}.dlq: message 2 of 3"
+    assert f"  {h.REASON}: {RELAY_REASON}" in lines  # whole, never cut
+    assert f"  {h.EXCEPTION}: steadyrabbit._errors.Retry" in lines
+    assert f"  {h.ATTEMPTS}: 5" in lines
+    assert f"  {h.FIRST_FAILED_AT}: 2024-05-01T12:00:01.000+00:00" in lines
+    assert f"  {h.FAILED_AT}: 2024-05-01T12:05:01.500+00:00" in lines
+    assert f"  {h.QUEUE}: {queue_name}" in lines
+    assert f"  {h.EXCHANGE}: orders-exchange" in lines
+    assert f"  {h.ROUTING_KEY}: orders.created.1" in lines
+    assert f"  {h.PUBLISH_ID}: 2" in lines
+    assert lines.index("properties:") > lines.index("steadyrabbit headers:")
+    for line in (
+        "  content_type: application/json",
+        "  delivery_mode: 2",
+        "  correlation_id: corr-1",
+        "  reply_to: replies",
+        "  message_id: msg-1",
+        "  timestamp: 1714564801 (2024-05-01T12:00:01Z)",
+        "  type: order.created",
+        "  app_id: shop",
+        "headers:",
+        "  tenant: acme",
+        "  trace: t-1",
+        "  index: 1",
+        f"body: {len(body)} bytes, UTF-8 text",
+    ):
+        assert line in lines, line
+    # The body whole, its line break kept, the terminal's escape character shown, not sent.
+    assert lines[-2:] == [
+        '{"contract": 7, "note": "line one',
+        'line two \\x1b[31mred\\x1b[0m"}',
+    ]
+    assert "\x1b" not in output
+
+    # Nothing moved.
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"first", body, b"third"]
+
+
+def test_show_a_binary_body_as_a_hex_dump_and_as_json(admin: Admin, queue_name: str) -> None:
+    body = bytes(range(256)) + b"\xff\xfe"
+    fill_dlq(admin, queue_name, [Letter(body, attempts=None, queue_header=False)])
+    with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        history: dict[str, Any] = {
+            "x-death": [{"count": 1, "queue": "elsewhere", "reason": "rejected"}]
+        }
+        channel.basic_publish("", f"{queue_name}.dlq", "café".encode(),
+                              pika.BasicProperties(headers=history))  # fmt: skip
+
+    text = succeeded(steadyrabbit("dlq", "show", queue_name, "1")).splitlines()
+    assert f"body: {len(body)} bytes, not UTF-8 text (hex)" in text
+    assert (
+        "00000000  00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f  |................|" in text
+    )
+    assert "00000040  40 41 42 43 44 45 46 47 48 49 4a 4b 4c 4d 4e 4f  |@ABCDEFGHIJKLMNO|" in text
+    assert text[-1] == "00000100  ff fe" + " " * (47 - 5) + "  |..|"
+    other = succeeded(steadyrabbit("dlq", "show", queue_name, "2")).splitlines()
+    assert "steadyrabbit headers: none" in other
+    assert '  x-death: [{"count": 1, "queue": "elsewhere", "reason": "rejected"}]' in other
+    assert other[-2:] == ["body: 5 bytes, UTF-8 text", "café"]
+
+    document = json.loads(succeeded(steadyrabbit("dlq", "show", queue_name, "1", "--json")))
+    assert document["position"] == 1
+    assert document["count"] == 2
+    assert document["dead_letter_queue"] == f"{queue_name}.dlq"
+    assert document["body"] is None
+    assert base64.b64decode(document["body_base64"]) == body
+    assert document["body_size"] == len(body)
+    assert document["steadyrabbit"][h.REASON] == "ValueError: amount must be positive"
+    assert h.ATTEMPTS not in document["steadyrabbit"]
+    assert document["properties"]["message_id"] == "msg-0"
+    assert document["properties"]["timestamp"] == 1_714_564_800
+    assert document["headers"] == {**USER_HEADERS, "index": 0}
+    second = json.loads(succeeded(steadyrabbit("dlq", "show", queue_name, "2", "--json")))
+    assert second["body"] == "café"
+    assert second["headers"]["x-death"][0]["queue"] == "elsewhere"
+    assert admin.counts(f"{queue_name}.dlq") == (2, 0)
+
+
+def test_show_masks_passwords_in_headers(admin: Admin, queue_name: str) -> None:
+    reason = "OperationalError: cannot reach postgres://app:s3cret-pw@db.internal/orders"
+    fill_dlq(admin, queue_name, [Letter(b"{}", "OperationalError", reason)])
+
+    outputs = [
+        steadyrabbit("dlq", "show", queue_name, "1"),
+        steadyrabbit("dlq", "show", queue_name, "1", "--json"),
+        steadyrabbit("dlq", "list", queue_name),
+        steadyrabbit("dlq", "list", queue_name, "--json"),
+    ]
+
+    for result in outputs:
+        assert "app:****@db.internal" in succeeded(result)
+        assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("position", ["4", "0", "x"])
+def test_show_a_message_that_is_not_there_is_one_clear_line(
+    admin: Admin, queue_name: str, position: str
+) -> None:
+    fill_dlq(admin, queue_name, [Letter(b"1"), Letter(b"2"), Letter(b"3")])
+
+    message = one_error_line(steadyrabbit("dlq", "show", queue_name, position), EXIT_USAGE)
+
+    if position == "4":
+        assert message == f"there is no message 4 in {queue_name}.dlq: it holds 3 messages"
+    else:
+        assert "'N'" in message
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"1", b"2", b"3"]
 
 
 # -- replay ------------------------------------------------------------------------------------
@@ -636,6 +900,52 @@ def test_replay_with_an_error_filter_leaves_the_others_in_order(
     assert exceptions == ["ValueError", "KeyError", "ValueError"]
 
 
+def test_replay_one_message_by_its_id_leaves_the_others_in_order(
+    admin: Admin, queue_name: str
+) -> None:
+    fill_dlq(admin, queue_name, [Letter(f"m{i}".encode()) for i in range(5)])
+    # A second dead letter with the same id (a message that failed twice): both go back.
+    again = dead_letter_properties(queue_name, 2, Letter(b"m2 again"))
+    admin.publish(f"{queue_name}.dlq", [b"m2 again"], properties=again)
+
+    output = succeeded(steadyrabbit("dlq", "replay", queue_name, "--id", "msg-2", "--yes"))
+
+    dlq = f"{queue_name}.dlq"
+    assert output == (
+        f"replayed 2 of 6 messages from {dlq} (4 skipped: message id is not 'msg-2'); "
+        f"4 remain in {dlq}\n"
+    )
+    assert bodies(admin.drain(queue_name)) == [b"m2", b"m2 again"]
+    assert bodies(admin.drain(dlq)) == [b"m0", b"m1", b"m3", b"m4"]
+
+
+def test_replay_by_an_id_that_is_not_there_moves_nothing_and_exits_1(
+    admin: Admin, queue_name: str
+) -> None:
+    fill_dlq(admin, queue_name, [Letter(b"a"), Letter(b"b")])
+
+    result = steadyrabbit("dlq", "replay", queue_name, "--id", "nope", "--yes")
+
+    assert result.status == 1, result
+    assert result.stdout.startswith(f"replayed 0 of 2 messages from {queue_name}.dlq")
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"a", b"b"]
+    assert admin.counts(queue_name) == (0, 0)
+
+
+async def test_replay_with_an_id_and_an_error_filter_needs_both(
+    admin: Admin, queue_name: str
+) -> None:
+    letters = [Letter(b"0", "KeyError", "KeyError: x"), Letter(b"1", "ValueError", "bad")]
+    fill_dlq(admin, queue_name, letters)
+
+    result = await replay_dead_letters(
+        settings(), queue_name, message_id="msg-1", error_filter="keyerror"
+    )
+
+    assert (result.replayed, result.skipped) == (0, 2)
+    assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"0", b"1"]
+
+
 async def test_replay_to_a_queue_that_refuses_it_keeps_the_message(
     admin: Admin, queue_name: str
 ) -> None:
@@ -815,8 +1125,8 @@ async def test_purge_from_code(admin: Admin, queue_name: str) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["list"], ["list", "--json"], ["replay", "--yes"], ["purge", "--yes"]],
-    ids=["list", "list-json", "replay", "purge"],
+    [["list"], ["list", "--json"], ["show", "1"], ["replay", "--yes"], ["purge", "--yes"]],
+    ids=["list", "list-json", "show", "replay", "purge"],
 )
 def test_a_missing_dead_letter_queue_is_one_clear_line(
     admin: Admin, queue_name: str, command: list[str]
@@ -833,8 +1143,10 @@ async def test_a_missing_dead_letter_queue_from_code(queue_name: str) -> None:
     for call in (list_dead_letters, replay_dead_letters, purge_dead_letters):
         with pytest.raises(ConfigurationError, match="has no dead-letter queue"):
             await call(settings(), queue_name)
+    with pytest.raises(ConfigurationError, match="has no dead-letter queue"):
+        await show_dead_letter(settings(), queue_name, 1)
 
 
 def test_dlq_help() -> None:
     output = succeeded(steadyrabbit("dlq", "--help", url=False))
-    assert all(command in output for command in ("list", "replay", "purge"))
+    assert all(command in output for command in ("list", "show", "replay", "purge"))

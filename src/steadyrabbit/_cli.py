@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,16 +24,17 @@ from ._app import App
 from ._config import CONFIG_ENV, ENV_PREFIX, Config, env_name, flag, load_config
 from ._demo import demo_command
 from ._dlq import (
-    DeadLetterReport,
     ReplayResult,
     dead_letter_queue,
+    format_dead_letter,
+    format_dead_letters,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
+    show_dead_letter,
 )
 from ._doctor import can_encode, diagnose, format_report
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
-from ._preview import body_preview
 from ._processes import supervise, watch_supervisor, without_option
 from ._relay import relay_app
 from ._retry import RetryPolicy
@@ -520,7 +522,11 @@ def dlq_list_command(
 ) -> None:
     """Show how many messages QUEUE.dlq holds and the first of them, leaving them in place.
 
-    QUEUE is the original queue's name.
+    QUEUE is the original queue's name. One line per message, numbered from the head of the
+    queue (see `dlq show QUEUE N`): the error (for the relay, the status and response body),
+    the exception type, when it last failed, after how many attempts, and the start of the
+    body. Lines fit the terminal, the error taking the room left; piped, nothing is cut
+    (set COLUMNS to cut).
     """
     settings = config.settings()
     report = asyncio.run(list_dead_letters(settings, queue, limit=limit))
@@ -533,40 +539,41 @@ def dlq_list_command(
         }
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        click.echo(_dlq_table(report))
+        click.echo(format_dead_letters(report, _table_width()))
 
 
-_REASON_CHARS = 40
-_EXCEPTION_CHARS = 30
+def _table_width() -> int | None:
+    """The terminal's width, or COLUMNS; None (nothing cut) when piped, for grep and files."""
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return shutil.get_terminal_size().columns
+    return None
 
 
-def _dlq_table(report: DeadLetterReport) -> str:
-    if report.count == 0:
-        return f"{report.dead_letter_queue} is empty"
-    noun = "message" if report.count == 1 else "messages"
-    head = f"{report.dead_letter_queue}: {report.count} {noun}"
-    if len(report.entries) < report.count:
-        head += f" (showing the first {len(report.entries)}; see --limit)"
-    if not report.entries:
-        return head
-    rows = [("#", "FAILED AT", "ATTEMPTS", "EXCEPTION", "REASON", "BODY")]
-    for entry in report.entries:
-        rows.append(
-            (
-                str(entry.position),
-                entry.failed_at or "-",
-                "-" if entry.attempts is None else str(entry.attempts),
-                body_preview(entry.exception or "-", _EXCEPTION_CHARS),
-                body_preview(entry.reason or "-", _REASON_CHARS),
-                entry.body_preview,
-            )
-        )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-    lines = [head]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
+@dlq_group.command("show")
+@click.argument("queue")
+@click.argument("position", metavar="N", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the message as JSON.")
+@_configured(_BROKER)
+def dlq_show_command(
+    queue: str,
+    position: int,
+    as_json: bool,
+    config: Config,
+) -> None:
+    """Show message N of QUEUE.dlq whole, leaving the queue as it was.
+
+    N counts from 1 at the head of the queue, as `dlq list` numbers them. Prints every
+    steadyrabbit header (the full reason, exception, attempts, times, the original queue,
+    exchange and routing key), the properties, the other headers, and the body: as text when
+    it is UTF-8 (control characters escaped), else as a hex dump. With --json, the body is
+    "body" (text, or null) and "body_base64" (the exact bytes).
+    """
+    settings = config.settings()
+    message = asyncio.run(show_dead_letter(settings, queue, position))
+    if as_json:
+        click.echo(json.dumps(message.to_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_dead_letter(message))
 
 
 def _confirmed(
@@ -604,19 +611,28 @@ def _confirmed(
     help="Replay only messages whose error (reason or exception type) contains TEXT, "
     "case-insensitive; the others stay in place.",
 )
+@click.option(
+    "--id",
+    "message_id",
+    metavar="MESSAGE_ID",
+    help="Replay only the message(s) with this message id; the others stay in place. "
+    "Exit status 1 if there is none.",
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @_configured(_BROKER)
 def dlq_replay_command(
     queue: str,
     limit: int | None,
     error_filter: str | None,
+    message_id: str | None,
     yes: bool,
     config: Config,
 ) -> None:
     """Move the messages of QUEUE.dlq back to the queue they failed in, to be consumed again.
 
-    Each one is published (persistent, with its properties and headers, without steadyrabbit's
-    failure headers) and removed from QUEUE.dlq only once the broker confirmed it. Only the
+    Each one is published (persistent, with its properties and headers and the record of its
+    original exchange and routing key, without steadyrabbit's failure headers, so its attempts
+    start again) and removed from QUEUE.dlq only once the broker confirmed it. Only the
     messages present at the start are replayed. The first SIGINT or SIGTERM stops after the
     message in hand; run the command again to replay the rest.
     """
@@ -624,14 +640,18 @@ def dlq_replay_command(
     dlq = dead_letter_queue(queue)
 
     def question(count: int) -> str:
+        if message_id is not None:
+            return f"Replay the messages with id {message_id!r} of {dlq} to their queues?"
         some = f"up to {limit} of the" if limit is not None and limit < count else "the"
         return f"Replay {some} {count} messages of {dlq} to their queues?"
 
     if not _confirmed(yes, "replay", settings, queue, question):
         return
     with _ReplayProgress(f"replaying {dlq}") as progress:
-        result = asyncio.run(_replay(settings, queue, limit, error_filter, progress))
-    click.echo(_replay_summary(result, error_filter))
+        result = asyncio.run(_replay(settings, queue, limit, error_filter, message_id, progress))
+    click.echo(_replay_summary(result, error_filter, message_id))
+    if message_id is not None and result.replayed == 0:
+        sys.exit(EXIT_FAILURE)
 
 
 class _ReplayProgress:
@@ -664,6 +684,7 @@ async def _replay(
     queue: str,
     limit: int | None,
     error_filter: str | None,
+    message_id: str | None,
     progress: Callable[[int, int], None],
 ) -> ReplayResult:
     """Run the replay; the first SIGINT/SIGTERM sets its stop event, a second one aborts it."""
@@ -690,7 +711,13 @@ async def _replay(
             installed.append(signum)
     try:
         return await replay_dead_letters(
-            settings, queue, limit=limit, error_filter=error_filter, progress=progress, stop=stop
+            settings,
+            queue,
+            limit=limit,
+            error_filter=error_filter,
+            message_id=message_id,
+            progress=progress,
+            stop=stop,
         )
     except asyncio.CancelledError:
         if len(signals) > 1:
@@ -704,11 +731,18 @@ async def _replay(
             loop.remove_signal_handler(signum)
 
 
-def _replay_summary(result: ReplayResult, error_filter: str | None) -> str:
+def _replay_summary(
+    result: ReplayResult, error_filter: str | None, message_id: str | None
+) -> str:
     dlq = result.dead_letter_queue
     text = f"replayed {result.replayed} of {result.total} messages from {dlq}"
+    unwanted = []
+    if message_id is not None:
+        unwanted.append(f"message id is not {message_id!r}")
     if error_filter is not None:
-        text += f" ({result.skipped} skipped: error does not contain {error_filter!r})"
+        unwanted.append(f"error does not contain {error_filter!r}")
+    if unwanted:
+        text += f" ({result.skipped} skipped: {' or '.join(unwanted)})"
     text += f"; {result.remaining} remain in {dlq}"
     if result.stopped:
         text = f"stopped by a signal: {text}"
