@@ -1029,9 +1029,19 @@ def big_dlq(admin: Admin, queue_name: str) -> list[bytes]:
     return expected
 
 
-def test_an_interrupted_replay_then_another_brings_every_message_back_once(
-    admin: Admin, queue_name: str, big_dlq: list[bytes], tmp_path: Path
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"]
+)
+def test_an_interrupted_replay_exits_non_zero_then_another_brings_every_message_back_once(
+    admin: Admin,
+    queue_name: str,
+    big_dlq: list[bytes],
+    tmp_path: Path,
+    signum: signal.Signals,
+    status: int,
 ) -> None:
+    """Issue 8: an interrupted replay exited 0, as if it were complete. Now it finishes the
+    message in hand and exits 128 + the signal's number."""
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
@@ -1062,15 +1072,15 @@ def test_an_interrupted_replay_then_another_brings_every_message_back_once(
             if time.monotonic() > deadline:
                 raise AssertionError(f"no progress within 15 s:\n{err.read_text()}")
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        status = proc.wait(15)
+        proc.send_signal(signum)
+        exit_status = proc.wait(15)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
 
     stdout_text, stderr_text = out.read_text(), err.read_text()
-    assert status == 0, stdout_text + stderr_text
+    assert exit_status == status, stdout_text + stderr_text
     assert "Traceback" not in stderr_text, stderr_text
     assert "stopping after the message in hand" in stderr_text
     first, _, rest = stdout_text.removeprefix("stopped by a signal: replayed ").partition(" ")

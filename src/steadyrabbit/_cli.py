@@ -596,6 +596,10 @@ def _confirmed(
     return True
 
 
+# Exit status of a replay stopped by a signal: the shell's 128 + the signal's number.
+_EXIT_SIGNALLED = 128
+
+
 @dlq_group.command("replay")
 @click.argument("queue")
 @click.option(
@@ -634,7 +638,8 @@ def dlq_replay_command(
     original exchange and routing key, without steadyrabbit's failure headers, so its attempts
     start again) and removed from QUEUE.dlq only once the broker confirmed it. Only the
     messages present at the start are replayed. The first SIGINT or SIGTERM stops after the
-    message in hand; run the command again to replay the rest.
+    message in hand, and the exit status is then 130 (SIGINT) or 143 (SIGTERM); run the
+    command again to replay the rest. A second signal aborts at once (exit status 1).
     """
     settings = config.settings()
     dlq = dead_letter_queue(queue)
@@ -648,8 +653,13 @@ def dlq_replay_command(
     if not _confirmed(yes, "replay", settings, queue, question):
         return
     with _ReplayProgress(f"replaying {dlq}") as progress:
-        result = asyncio.run(_replay(settings, queue, limit, error_filter, message_id, progress))
+        result, signals = asyncio.run(
+            _replay(settings, queue, limit, error_filter, message_id, progress)
+        )
     click.echo(_replay_summary(result, error_filter, message_id))
+    if signals:
+        # Interrupted: a script (or a shell loop) must not take this for a complete replay.
+        sys.exit(_EXIT_SIGNALLED + signals[0])
     if message_id is not None and result.replayed == 0:
         sys.exit(EXIT_FAILURE)
 
@@ -686,8 +696,11 @@ async def _replay(
     error_filter: str | None,
     message_id: str | None,
     progress: Callable[[int, int], None],
-) -> ReplayResult:
-    """Run the replay; the first SIGINT/SIGTERM sets its stop event, a second one aborts it."""
+) -> tuple[ReplayResult, list[int]]:
+    """Run the replay; the first SIGINT/SIGTERM sets its stop event, a second one aborts it.
+
+    Returns the result and the signals received while it ran.
+    """
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     stop = asyncio.Event()
@@ -710,7 +723,7 @@ async def _replay(
             loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
     try:
-        return await replay_dead_letters(
+        result = await replay_dead_letters(
             settings,
             queue,
             limit=limit,
@@ -729,6 +742,7 @@ async def _replay(
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+    return result, signals
 
 
 def _replay_summary(
