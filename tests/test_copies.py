@@ -395,3 +395,28 @@ def test_an_unroutable_copy_is_logged_as_returned_not_as_a_closed_channel(
     messages = [r.getMessage() for r in caplog.records]
     assert any("returned it as unroutable" in m for m in messages), messages
     assert not any("channel closed by the broker: 312" in m for m in messages)
+
+
+def test_a_dead_letters_reason_names_no_password_or_token(
+    queue_name: str, admin: Admin
+) -> None:
+    """Invariant 10: a handler's exception text often carries the URL it called (httpx errors
+    do). The reason stored on the broker masks its password and query values."""
+    admin.declare(queue_name)
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        raise Reject("calling https://svc:Pa55-w0rd@api.example/v1?token=tok-SECRET-42 failed")
+
+    async def scenario() -> None:
+        async with Worker(app, settings()) as worker:
+            await admin.run(admin.publish, queue_name, [b"m"])
+            await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
+
+    asyncio.run(scenario())
+    [(props, _body)] = admin.drain(f"{queue_name}.dlq")
+    reason = str((props.headers or {})[REASON])
+    assert "api.example/v1?token=****" in reason
+    assert "Pa55-w0rd" not in reason
+    assert "tok-SECRET-42" not in reason

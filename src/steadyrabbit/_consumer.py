@@ -49,6 +49,7 @@ from ._topology import (
     ensure_queue,
     retry_queue,
 )
+from ._url import mask_url
 
 if TYPE_CHECKING:
     from ._alerts import Alerter
@@ -486,7 +487,9 @@ class Consumer:
         channel = message._channel
         if not channel.is_open:
             return self._settle(message, ack=False)  # counts and logs the stale delivery
-        reason = reason[:_MAX_REASON]
+        # An exception's text may carry a URL with a password or a token (httpx errors do);
+        # the reason is stored on the broker and shown by `dlq`, so it is masked first.
+        reason = mask_url(reason)[:_MAX_REASON]
         attempts = _headers.attempts(message.properties.headers) + 1
         policy = self._retry
         if outcome is Outcome.RETRY and attempts >= policy.max_attempts:

@@ -77,8 +77,10 @@ def for_replay(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return routing_neutral(replayed)
 
 
-# What RabbitMQ adds when it dead-letters (our retry queues do, every cycle).
+# What RabbitMQ adds when it dead-letters (our retry queues do, every cycle), and the delivery
+# counts quorum queues add: a copy starts a new life in another queue, which counts its own.
 _BROKER_HISTORY = frozenset(
     {"x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason"}
+     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
+     QUORUM_DELIVERY_COUNT, "x-acquired-count"}
 )
