@@ -54,8 +54,10 @@ from steadyrabbit._alerts import (
     Alerter,
     AlertEvent,
     ReconnectCounter,
+    _secrets_of,
     parse_smtp_url,
 )
+from steadyrabbit._url import scrub
 from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, eventually
 
@@ -744,6 +746,18 @@ def test_reconnect_counter_counts_within_the_window() -> None:
     assert counter.add(65) == 3  # 0 fell out of the window
     assert counter.add(75) == 3  # and 10
     assert counter.add(200) == 1
+
+
+def test_webhook_secrets_are_scrubbed_also_when_quoted_alone() -> None:
+    """An error may quote a query value decoded and apart from the URL."""
+    alerts = AlertSettings(
+        webhook_url=f"https://hooks.example/in?token={HOOK_TOKEN}%2Fx&sig=s1gn-ature",
+    )
+    text = f"refused: {HOOK_TOKEN}/x (sig s1gn-ature) for https://hooks.example/in?sig=s1gn-ature"
+    scrubbed = scrub(text, _secrets_of(alerts))
+    assert HOOK_TOKEN not in scrubbed
+    assert "s1gn-ature" not in scrubbed
+    assert scrubbed == "refused: **** (sig ****) for https://hooks.example/in?sig=****"
 
 
 def test_alert_settings_validation() -> None:

@@ -1,8 +1,8 @@
 """End to end: `steadyrabbit relay` as a real subprocess, the local broker, a local web service.
 
 The web service is a ``ThreadingHTTPServer`` in this process; what it does depends on the path
-(``/ok``, ``/slow``, ``/fail``, ``/hang``, ``/drip``, ``/notfound``; a query string does not
-change it). It records every request and wakes
+(``/ok``, ``/slow``, ``/fail``, ``/invalid``, ``/hang``, ``/drip``, ``/notfound``; a query
+string does not change it). It records every request and wakes
 the test through a condition variable when requests arrive, so no test sleeps to wait for
 something to happen; broker state is polled with ``eventually``.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BufferedIOBase
@@ -33,6 +35,8 @@ from urllib.parse import urlsplit
 import pika
 import pytest
 
+from steadyrabbit import RetryPolicy, Settings, Worker
+from steadyrabbit._relay import relay_app
 from tests.conftest import MAIN_URL, Admin, eventually
 
 pytestmark = pytest.mark.anyio
@@ -137,7 +141,8 @@ class WebService:
             self._completed += 1
             self._cond.notify_all()
 
-    def _answer(self, path: str) -> tuple[int, bytes]:
+    def _answer(self, target: str) -> tuple[int, bytes]:
+        path = urlsplit(target).path
         if path == "/ok":
             return 200, b"fine"
         if path == "/busy":  # overloaded once: 503 with Retry-After, then fine
@@ -149,6 +154,8 @@ class WebService:
             return 200, b"fine, eventually"
         if path == "/fail":
             return 500, b"upstream exploded"
+        if path == "/invalid":  # echoes the request target, as some error pages do
+            return 400, f"invalid request {target}".encode()
         if path == "/hang":
             self._release.wait(HANG_SECONDS)
             return 200, b"too late"
@@ -173,15 +180,14 @@ class WebService:
                 headers = {name.lower(): value for name, value in self.headers.items()}
                 service._arrived(Received(self.path, headers, body))
                 try:
-                    route = urlsplit(self.path).path
-                    status, text = service._answer(route)
+                    status, text = service._answer(self.path)
                     self.send_response(status)
                     if status == 503:
                         self.send_header("Retry-After", "1")
                     self.send_header("Content-Type", "text/plain")
                     self.send_header("Content-Length", str(len(text)))
                     self.end_headers()
-                    if route == "/drip":
+                    if urlsplit(self.path).path == "/drip":
                         service._drip(self.wfile, text)
                     else:
                         self.wfile.write(text)
@@ -444,15 +450,17 @@ async def test_failure_dead_letters_once(
     assert_clean(relay)
 
 
-async def test_target_password_never_shown(
+async def test_target_password_and_query_token_never_shown(
     admin: Admin, queue_name: str, web: WebService, start_relay: StartRelay
 ) -> None:
     password = "hunter2-secret"
+    token = "qtoken-5ec12e7"
     declare(admin, queue_name)
     admin.publish(queue_name, [b"with credentials"])
-    target = web.url("/fail").replace("http://", f"http://hook:{password}@")
+    target = web.url(f"/invalid?token={token}").replace("http://", f"http://hook:{password}@")
 
-    relay = start_relay(queue_name, target, "--max-attempts", "1")
+    # Debug logs: httpx then logs every request with its URL.
+    relay = start_relay(queue_name, target, "--max-attempts", "1", "--log-level", "debug")
     [request] = await requests(web, 1)
     await eventually(
         lambda: ready(admin, f"{queue_name}.dlq") == 1, within=20, what="the dead letter"
@@ -460,12 +468,90 @@ async def test_target_password_never_shown(
     assert await relay.stop() == 0, relay.output
 
     assert request.headers["authorization"].startswith("Basic ")  # credentials were used
+    assert request.path == f"/invalid?token={token}"  # and the token
     [(props, _)] = admin.drain(f"{queue_name}.dlq")
     reason = text((props.headers or {})[REASON])
     assert "hook:****@127.0.0.1" in reason, reason
-    assert password not in str(props.headers)
-    assert password not in relay.output, relay.output
+    assert "/invalid?token=****" in reason, reason
+    assert "HTTP Request: POST http://hook:****@127.0.0.1" in relay.output, relay.output
+    for secret in (password, token):
+        assert secret not in str(props), props
+        assert secret not in relay.output, relay.output
     assert_clean(relay)
+
+
+SECRET = "SECRETVALUE-4f7a1c"
+SECRET_PASSWORD = "hook-pw-93b2e0"
+SECRET_USER_TOKEN = "ghp-usertoken-61d8"
+
+
+async def test_target_secrets_never_reach_logs_or_dead_letters(
+    admin: Admin,
+    queue_name: str,
+    web: WebService,
+    dead_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Relays run in this process, every logger at DEBUG, against targets with a query token
+    (and a password or a token as user info): one answers 400 with the URL in its body (dead
+    letter), one 500 with the URL (retried, then dead-lettered), one is unreachable, one never
+    answers in time. No log line and no header of any dead letter holds a secret."""
+    secrets = (SECRET, SECRET_PASSWORD, SECRET_USER_TOKEN)
+    base = f"127.0.0.1:{web.port}"
+    cases = {
+        "rejected": (
+            f"http://hook:{SECRET_PASSWORD}@{base}/invalid?token={SECRET}&user=operator",
+            "answered 400: invalid request /invalid?token=****&user=****",
+        ),
+        "failing": (
+            f"http://{SECRET_USER_TOKEN}@{base}/fail?token={SECRET}",
+            "answered 500: upstream exploded",
+        ),
+        "unreachable": (
+            f"http://127.0.0.1:{dead_port}/hook?token={SECRET}#{SECRET}",
+            "failed: ConnectError",
+        ),
+        "hanging": (f"http://{base}/hang?token={SECRET}", "timed out after 1 s"),
+    }
+    queues = {case: f"{queue_name}-{case}" for case in cases}
+    for queue in queues.values():
+        declare(admin, queue)
+        admin.publish(queue, [b"order 42"])
+    settings = Settings(urls=(MAIN_URL,), connect_timeout=10.0, name="relay-secrets-test")
+    caplog.set_level(logging.DEBUG)
+    try:
+        async with AsyncExitStack() as workers:
+            for case, (target, _) in cases.items():
+                app = relay_app(
+                    queues[case], target, timeout=1.0,
+                    retry=RetryPolicy(max_attempts=2, delays=(0.1,)),
+                )  # fmt: skip
+                await workers.enter_async_context(Worker(app, settings))
+            for queue in queues.values():
+                await eventually(
+                    lambda queue=queue: ready(admin, f"{queue}.dlq") == 1,
+                    within=20,
+                    what=f"the dead letter of {queue}",
+                )
+        for case, (_, expected) in cases.items():
+            [(props, body)] = admin.drain(f"{queues[case]}.dlq")
+            assert body == b"order 42"
+            headers = props.headers or {}
+            reason = text(headers[REASON])
+            assert expected in reason, reason
+            assert "token=****" in reason, reason
+            stored = repr(props) + repr(headers) + "".join(map(text, headers.values()))
+            for secret in secrets:
+                assert secret not in stored, (case, stored)
+        logged = caplog.text
+        assert "HTTP Request: POST http://" in logged  # httpx's own line is there, masked
+        assert "dead-lettered" in logged
+        for secret in secrets:
+            leaks = [line for line in logged.splitlines() if secret in line]
+            assert not leaks, leaks
+    finally:
+        for queue in queues.values():
+            admin.delete(queue, f"{queue}.dlq", f"{queue}.retry.100ms")
 
 
 @pytest.mark.parametrize(

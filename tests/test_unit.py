@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from urllib.parse import quote
 
 import pytest
 from hypothesis import example, given
@@ -16,6 +18,7 @@ from steadyrabbit._backoff import backoff_delay
 from steadyrabbit._headers import attempts, without_ours
 from steadyrabbit._relay import retry_after
 from steadyrabbit._retry import ladder_ms
+from steadyrabbit._url import scrub, url_secrets
 
 
 @given(
@@ -112,6 +115,157 @@ def test_mask_url(text: str, expected: str) -> None:
     assert mask_url(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "POST http://127.0.0.1:8080/hook?token=abc&user=bob answered 500",
+            "POST http://127.0.0.1:8080/hook?token=****&user=**** answered 500",
+        ),
+        ("https://api.example/x?apikey", "https://api.example/x?****"),
+        ("https://api.example/x?a=&b=1", "https://api.example/x?a=&b=****"),
+        (
+            "https://app.example/#access_token=abc&x=1",
+            "https://app.example/#access_token=****&x=****",
+        ),
+        ("https://ghp_token@github.com/org/repo", "https://****@github.com/org/repo"),
+        ("http://u:p@h/x?t=a@b", "http://u:****"),  # the password may run to the last "@"
+        ("http://h:8080/x?email=a@b.example&token=s", "http://h:****&token=****"),
+        ("http://a@b:pw@h/", "http://****@b:****@h/"),
+        ("target 'http://h/?t=x y' is bad", "target 'http://h/?t=****' is bad"),
+        ('{"url": "http://h/?t=x\\"y"}', '{"url": "http://h/?t=****"}'),
+        ("amqp://u:p@h/v?heartbeat=10", "amqp://u:****@h/v?heartbeat=****"),
+    ],
+)
+def test_mask_url_hides_query_values_fragments_and_tokens(text: str, expected: str) -> None:
+    assert mask_url(text) == expected
+    assert mask_url(expected) == expected
+
+
+# -- mask_url over generated URLs: each secret is percent-encoded but for a random set of the
+# characters its place allows raw (RFC 3986), so the masked URL has one exact expected form.
+
+_VISIBLE = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=8)
+_PASSWORD_RAW = "!$&'()*+,;=:"
+_USER_ONLY_RAW = "!$&'()*+,;="
+_VALUE_RAW = "!$'()*+,;=:@/?"
+
+
+# Any text, with the characters that delimit URL parts and quoted strings drawn often.
+_DELIMITERS = st.sampled_from("@:/?#&=%+ '\"\\")
+_SECRET_TEXT = st.text(st.characters(codec="utf-8") | _DELIMITERS, min_size=1)
+
+
+def _encoded(raw_allowed: str) -> st.SearchStrategy[tuple[str, str]]:
+    """(secret, its spelling in the URL)."""
+    return st.tuples(_SECRET_TEXT, st.sets(st.sampled_from(raw_allowed))).map(
+        lambda drawn: (drawn[0], quote(drawn[0], safe="".join(drawn[1])))
+    )
+
+
+@st.composite
+def _urls_with_secrets(draw: st.DrawFn) -> tuple[str, str, list[str]]:
+    """(URL, the URL as mask_url must show it, the secrets in it)."""
+    secrets: list[str] = []
+    scheme = draw(st.sampled_from(["http", "https", "amqp", "amqps", "smtp"]))
+    userinfo = shown_userinfo = ""
+    kind = draw(st.sampled_from(["none", "password", "user-only"]))
+    if kind == "password":
+        user = draw(_VISIBLE)
+        secret, spelled = draw(_encoded(_PASSWORD_RAW))
+        userinfo, shown_userinfo = f"{user}:{spelled}@", f"{user}:****@"
+        secrets.append(secret)
+    elif kind == "user-only":
+        secret, spelled = draw(_encoded(_USER_ONLY_RAW))
+        userinfo, shown_userinfo = f"{spelled}@", "****@"
+        secrets.append(secret)
+    host = draw(_VISIBLE)
+    port = draw(st.none() | st.integers(1, 65535))
+    authority = host + ("" if port is None else f":{port}")
+    path = "".join(draw(st.lists(_VISIBLE.map(lambda part: f"/{part}"), max_size=3)))
+    names = draw(st.lists(_VISIBLE, max_size=4))
+    # After a ":" (a password, a port), a raw "@" later in the URL is read as the end of a
+    # password: all up to it is hidden (see the examples above).
+    value_raw = _VALUE_RAW if kind != "password" and port is None else _VALUE_RAW.replace("@", "")
+    items, shown_items = [], []
+    for name in names:
+        secret, spelled = draw(_encoded(value_raw))
+        items.append(f"{name}={spelled}")
+        shown_items.append(f"{name}=****")
+        secrets.append(secret)
+    query = f"?{'&'.join(items)}" if items else ""
+    shown_query = f"?{'&'.join(shown_items)}" if items else ""
+    fragment = shown_fragment = ""
+    if draw(st.booleans()):
+        # Without "=", a fragment is one item: a raw "=" would make part of it a name.
+        secret, spelled = draw(_encoded(value_raw.replace("=", "")))
+        fragment = f"#{spelled}"
+        shown_fragment = "" if items else "#****"  # after a query, it is part of the last value
+        secrets.append(secret)
+    url = f"{scheme}://{userinfo}{authority}{path}{query}{fragment}"
+    shown = f"{scheme}://{shown_userinfo}{authority}{path}{shown_query}{shown_fragment}"
+    return url, shown, secrets
+
+
+@given(case=_urls_with_secrets())
+def test_mask_url_shows_every_generated_url_without_its_secrets(
+    case: tuple[str, str, list[str]],
+) -> None:
+    url, shown, secrets = case
+    assert mask_url(url) == shown
+    assert mask_url(shown) == shown
+    assert mask_url(f"POST {url} failed:\n{url}") == f"POST {shown} failed:\n{shown}"
+    quote_mark = '"' if "'" in url else "'"
+    assert mask_url(f"url={url!r}") == f"url={quote_mark}{shown}{quote_mark}"
+    assert mask_url(json.dumps({"url": url})) == json.dumps({"url": shown})
+    # Quoted apart from the URL (an exception, a response body): scrub() finds them too.
+    found = url_secrets(url)
+    for secret in secrets:
+        if len(secret) >= 4:
+            assert secret in found
+            assert secret not in scrub(f"refused {secret}: see {url}", found)
+
+
+# White space ends a URL in text, so a raw secret has none.
+_RAW_SECRET = st.text(st.characters(codec="utf-8") | _DELIMITERS, min_size=4).filter(
+    lambda text: not any(c.isspace() for c in text)
+)
+
+
+@given(
+    password=_RAW_SECRET,
+    token=_RAW_SECRET,
+    value=_RAW_SECRET,
+    fragment=_RAW_SECRET,
+    quoted=st.booleans(),
+)
+def test_mask_url_never_shows_a_secret_written_raw(
+    password: str, token: str, value: str, fragment: str, quoted: bool
+) -> None:
+    """Raw delimiters ("@", "?", "#", "&") in secrets can change where a part ends; whichever
+    way it is read, no secret is shown whole. (A raw ":", "/", "?" or "#" in a user-only token
+    makes part of it a user name or a host, and "=" in a query without names makes part of it
+    a parameter name: these are shown, as any HTTP client would read them so.)"""
+    for char in ":/?#":
+        token = token.replace(char, quote(char, safe=""))
+    bare = value.replace("=", "%3D")
+    urls = [
+        f"https://user:{password}@host.example:8443/hook?token={value}#{fragment}",
+        f"http://{token}@host.example/hook?{bare}",
+    ]
+    # What the masked texts show at most: a secret that is part of it proves nothing.
+    visible = (
+        "'\"error: https://user:****@host.example:8443/hook?token=****#**** (again)'\""
+        "error: http://****@host.example/hook?**** (again)"
+    )
+    for url in urls:
+        text = f"error: {url!r}" if quoted else f"error: {url} (again)"
+        masked = mask_url(text)
+        for secret in (password, token, value, bare, fragment):
+            if secret in url and secret not in visible:
+                assert secret not in masked, (text, masked)
+
+
 def test_settings_validate() -> None:
     assert Settings().addresses[0].port == 5672
     assert Settings(urls=("amqp://a", "amqp://b")).addresses[1].host == "b"
@@ -140,8 +294,10 @@ def test_prefetch_defaults_to_concurrency_and_is_never_unlimited() -> None:
 
 
 def test_registration_validation() -> None:
-    with pytest.raises(ConfigurationError, match="both an exchange and a routing key"):
+    with pytest.raises(ConfigurationError, match="needs a routing key"):
         App().add_consumer(_handler, "q", exchange="x")
+    with pytest.raises(ConfigurationError, match="need an exchange"):
+        App().add_consumer(_handler, "q", routing_key="k")
     with pytest.raises(ConfigurationError, match="unknown decoder"):
         App().add_consumer(_handler, "q", decode="yaml")
     with pytest.raises(ConfigurationError, match="1 to 250 bytes"):
@@ -157,7 +313,7 @@ def test_sync_handlers_are_made_awaitable_once_at_registration() -> None:
     async_spec = app.add_consumer(handle_async, "b")
     assert sync_spec.threaded is not None
     assert async_spec.threaded is None
-    assert async_spec.handler is handle_async
+    assert async_spec.function is handle_async  # its handler: wrapped once (SystemExit)
 
 
 # -- retry policy ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 
 from ._errors import ConfigurationError, SteadyRabbitError
 from ._preview import body_preview
-from ._url import mask_url, split_url
+from ._url import mask_url, scrub, split_url, url_secrets
 
 if TYPE_CHECKING:
     from ._consumer import Consumer
@@ -630,9 +630,7 @@ class Alerter:
             raise WebhookRefused(f"answered {response.status_code} {response.reason_phrase}")
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "****")
-        return mask_url(text)
+        return scrub(text, self._secrets)
 
 
 class WebhookRefused(SteadyRabbitError):
@@ -645,16 +643,16 @@ def _secrets_of(alerts: AlertSettings) -> tuple[str, ...]:
     if alerts.smtp is not None and alerts.smtp.password:
         secrets.append(alerts.smtp.password)
     if alerts.webhook_url is not None:
-        parts = urlsplit(alerts.webhook_url.strip())
-        secrets.append(alerts.webhook_url.strip())
-        if parts.password:
-            secrets.extend({parts.password, unquote(parts.password)})
-        if parts.query:
-            secrets.append(parts.query)
-        if parts.path not in ("", "/"):
-            secrets.append(parts.path)
-    # Longest first, so that a secret containing another is replaced whole.
-    return tuple(sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+        url = alerts.webhook_url.strip()
+        secrets += [url, *url_secrets(url)]
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(url)
+            # Slack and Teams put the secret in the path.
+            if parts.path not in ("", "/"):
+                secrets.append(parts.path)
+            if parts.query:
+                secrets.append(parts.query)
+    return tuple(s for s in secrets if len(s) >= 4)
 
 
 def _email_text(payload: dict[str, Any]) -> str:

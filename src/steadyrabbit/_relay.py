@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -13,12 +14,31 @@ from ._app import App
 from ._errors import ConfigurationError, Reject, Retry
 from ._message import Message
 from ._retry import RetryPolicy
-from ._url import mask_url
+from ._url import mask_url, scrub, url_secrets
 
 _BODY_EXCERPT = 200
 _MAX_RETRY_AFTER = 86_400.0
 # RFC 9110 delta-seconds: ASCII digits only (str.isdigit() also takes "²" and "٣").
 _DELTA_SECONDS = re.compile(r"[0-9]+")
+
+
+class _MaskUrls(logging.Filter):
+    """httpx logs every request's URL at INFO, query token and all: mask it in each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def _mask_httpx_log() -> None:
+    # A filter on the "httpx" logger itself applies to its records wherever they are handled,
+    # also when the relay runs inside an application with its own logging setup.
+    httpx_log = logging.getLogger("httpx")
+    if not any(isinstance(f, _MaskUrls) for f in httpx_log.filters):
+        httpx_log.addFilter(_MaskUrls())
 
 
 def _retryable(status: int) -> bool:
@@ -50,13 +70,17 @@ class RelayHandler:
     2xx acks; 408, 429, 5xx, a timeout or a connection error retries later (honouring
     ``Retry-After``); any other answer dead-letters with the status and the start of the body.
     ``timeout`` bounds the whole request: connecting, sending and reading the full response.
+    Reasons show the target masked (see :func:`mask_url`), and the target's secrets are
+    scrubbed from exception messages and response bodies quoted in them.
     """
 
     def __init__(self, target: str, *, timeout: float) -> None:
         self.target = target
         self._shown = mask_url(target)
+        self._secrets = url_secrets(target)
         self._timeout = timeout
         self._client: httpx.AsyncClient | None = None
+        _mask_httpx_log()
 
     async def __call__(self, message: Message) -> None:
         if self._client is None:
@@ -80,11 +104,14 @@ class RelayHandler:
                 f"POST {self._shown} timed out after {self._timeout:g} s ({type(exc).__name__})"
             ) from exc
         except httpx.HTTPError as exc:
-            raise Retry(f"POST {self._shown} failed: {type(exc).__name__}: {exc}") from exc
+            error = scrub(str(exc), self._secrets)
+            raise Retry(f"POST {self._shown} failed: {type(exc).__name__}: {error}") from exc
         if response.is_success:
             return
-        reason = f"POST {self._shown} answered {response.status_code}: "
-        reason += response.text[:_BODY_EXCERPT]
+        # Scrubbed before it is cut, so that no secret is cut in two and half of it kept.
+        longest = max(map(len, self._secrets), default=0)
+        body = scrub(response.text[: _BODY_EXCERPT + longest], self._secrets)
+        reason = f"POST {self._shown} answered {response.status_code}: {body[:_BODY_EXCERPT]}"
         if _retryable(response.status_code):
             raise Retry(reason, delay=retry_after(response.headers.get("Retry-After")))
         raise Reject(reason)
@@ -111,7 +138,8 @@ def relay_app(
     try:
         url = httpx.URL(target)
     except httpx.InvalidURL as exc:
-        raise ConfigurationError(f"malformed target URL {mask_url(target)!r}: {exc}") from None
+        error = scrub(str(exc), url_secrets(target))
+        raise ConfigurationError(f"malformed target URL {mask_url(target)!r}: {error}") from None
     if url.scheme not in {"http", "https"} or not url.host:
         raise ConfigurationError(
             f"malformed target URL {mask_url(target)!r}: it must be an http:// or https:// URL"

@@ -1,11 +1,12 @@
-"""Broker URLs: parse and validate ``amqp://`` / ``amqps://`` URLs, and mask their passwords."""
+"""URLs: parse and validate broker URLs (``amqp://`` / ``amqps://``); mask the secrets of any URL
+before it is shown."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, unquote_plus, urlsplit
 
 from ._errors import ConfigurationError
 
@@ -106,11 +107,101 @@ def parse_url(url: str) -> BrokerAddress:
     )
 
 
-# The password part runs to the last "@" of the URL, so a raw "@", "/", "#" or "?" in it is
-# masked too (at worst this masks more than the password, never less).
-_USERINFO = re.compile(r"(?P<prefix>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):[^\s]*@")
+# A URL in free text starts at its scheme and ends at the first white space; a quoted one (as
+# repr() and JSON show it) ends at its closing quote, which stays in place.
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+_UNQUOTED_REST = re.compile(r"\S*")
+_QUOTED_REST = {quote: re.compile(rf"(?:\\.|[^\\\n{quote}])*") for quote in ("'", '"')}
+# The password runs to the last "@" of the URL, so a raw "@", "/", "#" or "?" in it is masked
+# too (at worst this masks more than the password, never less).
+_PASSWORD = re.compile(r"[^:/\s]*:(?P<secret>.*)@")
+# User info without a password is a token more often than a name (https://TOKEN@host/).
+_USER_ONLY = re.compile(r"(?P<secret>[^:/\s?#]+)@")
+_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
+_MASK = "****"
 
 
 def mask_url(text: str) -> str:
-    """Replace the password of every URL in ``text`` with ``****``."""
-    return _USERINFO.sub(r"\g<prefix>:****@", text)
+    """Mask the credential-bearing parts of every URL in ``text`` with ``****``: the password
+    (or the whole user info when it has no password), and every query and fragment value.
+
+    Parameter names stay visible (``?token=****&user=****``); an item without ``=`` is masked
+    whole. Scheme, host, port and path stay as they are.
+    """
+    parts: list[str] = []
+    done = 0
+    while (start := _SCHEME.search(text, done)) is not None:
+        before = text[start.start() - 1] if start.start() > 0 else ""
+        rest = _QUOTED_REST.get(before, _UNQUOTED_REST).match(text, start.end())
+        assert rest is not None  # both patterns match the empty string
+        parts += [text[done : start.start()], _mask_one(text[start.start() : rest.end()])]
+        done = rest.end()
+    parts.append(text[done:])
+    return "".join(parts)
+
+
+def _mask_one(url: str) -> str:
+    """``url`` starts with its scheme. Every part that may hold a secret is marked hidden, and
+    each run of hidden characters becomes one ``****``. Where the rules disagree on where a
+    part ends (a raw "@", ":" or "?" can be read more than one way), the union is hidden."""
+    authority = url.index("://") + 3
+    hidden = [False] * len(url)
+
+    def hide(begin: int, end: int) -> None:
+        hidden[begin:end] = [True] * (end - begin)
+
+    for userinfo in (_PASSWORD.match(url, authority), _USER_ONLY.match(url, authority)):
+        if userinfo is not None:
+            hide(*userinfo.span("secret"))
+    query = _QUERY_OR_FRAGMENT.search(url, authority)
+    if query is not None:
+        position = query.end()
+        for item in url[position:].split("&"):
+            name, equals, _ = item.partition("=")
+            hide(position + (len(name) + 1 if equals else 0), position + len(item))
+            position += len(item) + 1
+    shown: list[str] = []
+    for index, char in enumerate(url):
+        if not hidden[index]:
+            shown.append(char)
+        elif index == 0 or not hidden[index - 1]:
+            shown.append(_MASK)
+    return "".join(shown)
+
+
+# Shorter values would garble unrelated text when replaced (a "1" in "[Errno 111]") and hardly
+# guard anything.
+_MIN_SECRET_CHARS = 4
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """What :func:`mask_url` hides in ``url``, raw and percent-decoded: for scrubbing text
+    that may quote it apart from the URL (an exception message, a response body)."""
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return (url,)
+    values: list[str] = []
+    if parts.password is not None:
+        values.append(parts.password)
+    elif parts.username is not None:
+        values.append(parts.username)
+    # Both readings: urlsplit's (a query, then a fragment) and mask_url's (one run of items
+    # from the first "?" or "#"), so that whatever either hides is scrubbed.
+    items = _QUERY_OR_FRAGMENT.search(url, url.find("://") + 3 if "://" in url else 0)
+    tail = "" if items is None else url[items.end() :]
+    for section in (parts.query, parts.fragment, tail):
+        for item in section.split("&"):
+            name, equals, value = item.partition("=")
+            values.append(value if equals else name)
+    forms = {form for value in values for form in (value, unquote(value), unquote_plus(value))}
+    return tuple(form for form in forms if len(form) >= _MIN_SECRET_CHARS)
+
+
+def scrub(text: str, secrets: Collection[str]) -> str:
+    """``text`` with each of ``secrets`` and every URL's secrets masked."""
+    # Longest first, so that a secret containing another is replaced whole.
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, _MASK)
+    return mask_url(text)
