@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from datetime import UTC, datetime
@@ -409,3 +410,31 @@ def test_attempt_header_parsing_and_stripping() -> None:
     assert attempts({"x-steadyrabbit-attempts": True}) == 0
     headers = {"x-steadyrabbit-reason": "r", "x-death": [], "tenant": "acme"}
     assert without_ours(headers) == {"tenant": "acme"}
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_a_logged_traceback_masks_the_urls_it_quotes(
+    log_format: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A handler's exception often quotes the URL it failed on; the plain log format printed
+    tracebacks unmasked (the JSON one masked them)."""
+    from steadyrabbit._cli import _configure_logging
+
+    def call_the_service() -> None:
+        raise RuntimeError("GET https://svc:Pa55-w0rd@api.example/x?token=tok-SECRET-9 failed")
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        _configure_logging("info", log_format)
+        try:
+            call_the_service()
+        except RuntimeError:
+            logging.getLogger("steadyrabbit").warning("handler failed", exc_info=True)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capfd.readouterr().err
+    assert "RuntimeError" in err
+    assert "Pa55-w0rd" not in err
+    assert "tok-SECRET-9" not in err

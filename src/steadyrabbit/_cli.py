@@ -40,7 +40,7 @@ from ._relay import relay_app
 from ._retry import RetryPolicy
 from ._settings import Settings
 from ._top import run_top
-from ._url import mask_url
+from ._url import MaskingFilter, MaskingFormatter, mask_url
 from ._worker import run
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -294,16 +294,7 @@ class _CommandLine:
     args: tuple[str, ...]
 
 
-class _MaskSecrets(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_url(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        return True
-
-
-class _JsonFormatter(logging.Formatter):
+class _JsonFormatter(MaskingFormatter):
     """One JSON object per record, for log shippers; secrets are masked before this runs."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -315,7 +306,7 @@ class _JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info:
-            entry["error"] = mask_url(self.formatException(record.exc_info))
+            entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -325,9 +316,9 @@ def _configure_logging(level: str, log_format: str) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(process)d %(levelname)-7s %(name)s: %(message)s")
+            MaskingFormatter("%(asctime)s %(process)d %(levelname)-7s %(name)s: %(message)s")
         )
-    handler.addFilter(_MaskSecrets())
+    handler.addFilter(MaskingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -14,7 +14,7 @@ from ._app import App
 from ._errors import ConfigurationError, Reject, Retry
 from ._message import Message
 from ._retry import RetryPolicy
-from ._url import mask_url, scrub, url_secrets
+from ._url import MaskingFilter, mask_url, scrub, url_secrets
 
 _BODY_EXCERPT = 200
 _MAX_RETRY_AFTER = 86_400.0
@@ -22,23 +22,12 @@ _MAX_RETRY_AFTER = 86_400.0
 _DELTA_SECONDS = re.compile(r"[0-9]+")
 
 
-class _MaskUrls(logging.Filter):
-    """httpx logs every request's URL at INFO, query token and all: mask it in each record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_url(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        return True
-
-
 def _mask_httpx_log() -> None:
     # A filter on the "httpx" logger itself applies to its records wherever they are handled,
     # also when the relay runs inside an application with its own logging setup.
     httpx_log = logging.getLogger("httpx")
-    if not any(isinstance(f, _MaskUrls) for f in httpx_log.filters):
-        httpx_log.addFilter(_MaskUrls())
+    if not any(isinstance(f, MaskingFilter) for f in httpx_log.filters):
+        httpx_log.addFilter(MaskingFilter())
 
 
 def _retryable(status: int) -> bool:

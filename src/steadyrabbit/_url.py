@@ -3,9 +3,11 @@ before it is shown."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, unquote_plus, urlsplit
 
 from ._errors import ConfigurationError
@@ -205,3 +207,26 @@ def scrub(text: str, secrets: Collection[str]) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, _MASK)
     return mask_url(text)
+
+
+class MaskingFilter(logging.Filter):
+    """A logging filter that masks every URL's secrets in a record's message (see
+    :func:`mask_url`); formatters mask tracebacks themselves (:class:`MaskingFormatter`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+class MaskingFormatter(logging.Formatter):
+    """A formatter whose tracebacks have their URLs masked: an exception's text often quotes
+    the URL it failed on, password or token included."""
+
+    def formatException(self, ei: Any) -> str:
+        return mask_url(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return mask_url(super().formatStack(stack_info))
