@@ -754,3 +754,30 @@ async def test_the_timeout_bounds_the_whole_request_not_each_read(
     assert ready(admin, queue_name) == 0
     admin.delete(f"{queue_name}.retry.100ms")
     assert_clean(relay)
+
+
+async def test_every_retry_carries_the_original_routing_key(
+    admin: Admin, queue_name: str, web: WebService, start_relay: StartRelay
+) -> None:
+    """Issue 8.14: the first call said X-Routing-Key: purchasing.system.contract, every retry
+    the queue name (the retry came back through the default exchange)."""
+    exchange = f"sr-test-ex-{uuid.uuid4().hex[:8]}"
+    routing_key = "purchasing.system.contract"
+    declare(admin, queue_name)
+    try:
+        relay = start_relay(
+            queue_name, web.url("/fail"), "--exchange", exchange, "--routing-key", routing_key,
+            "--max-attempts", "3", "--retry-delay", "0.2",
+        )
+        await wait_consuming(admin, relay, queue_name)
+        admin.publish(queue_name, [b"contract"], exchange=exchange, routing_key=routing_key)
+        await eventually(
+            lambda: ready(admin, f"{queue_name}.dlq") == 1, within=20, what="the dead letter"
+        )
+        assert await relay.stop() == 0, relay.output
+        assert [r.headers["x-routing-key"] for r in web.requests] == [routing_key] * 3
+        assert [r.headers["x-redelivered"] for r in web.requests] == ["false"] * 3
+        assert_clean(relay)
+    finally:
+        admin.delete_exchange(exchange)
+        admin.delete(f"{queue_name}.retry.200ms")

@@ -220,7 +220,12 @@ _RELAY = (
         "exchange", str, "Bind QUEUE to this exchange (declared durable topic if missing).",
     ),
     _Option("routing_key", str, "Routing key of the binding (with --exchange)."),
-    _Option("http_timeout", float, "HTTP timeout in seconds.", aliases=("--timeout",)),
+    _Option(
+        "http_timeout",
+        float,
+        "Seconds a whole request may take (connect, send, the full answer).",
+        aliases=("--timeout",),
+    ),
     _Option(
         "max_attempts", int, "Attempts per message (the first included) "
         "before it is dead-lettered.",
