@@ -32,6 +32,7 @@ from steadyrabbit import (
 from steadyrabbit._headers import BCC, CC, PUBLISH_ID, REASON, USER_ID, routing_neutral
 from steadyrabbit._message import persistent_copy
 from tests._broker import BrokerNode, main_broker_ctl
+from tests._strategies import HEADER_VALUES
 from tests.conftest import MAIN_URL, Admin, eventually
 
 
@@ -91,16 +92,9 @@ def test_a_cc_header_naming_the_queue_never_fans_the_copies_out(
         admin.delete(other, f"{queue_name}.retry.50ms")
 
 
-# Header values the broker stores and gives back as they are (AMQP field-table types).
-_VALUES = st.one_of(
-    st.text(max_size=20),
-    st.integers(min_value=-(2**31), max_value=2**31 - 1),
-    st.booleans(),
-    st.lists(st.text(max_size=10), max_size=3),
-)
 _HEADERS = st.dictionaries(
     st.text(min_size=1, max_size=12).filter(lambda k: not k.startswith("x-steadyrabbit-")),
-    _VALUES,
+    HEADER_VALUES,
     max_size=5,
 )
 

@@ -48,6 +48,7 @@ from steadyrabbit._dlq import (
 from steadyrabbit._errors import ConfigurationError, PublishRefusedError
 from steadyrabbit._preview import PREVIEW_CHARS, body_preview
 from steadyrabbit._settings import Settings
+from tests._strategies import HEADER_VALUES
 from tests.conftest import MAIN_URL, SESSION_PREFIX, Admin, eventually
 
 pytestmark = pytest.mark.anyio
@@ -687,19 +688,12 @@ def test_a_replayed_message_keeps_its_origin_and_goes_nowhere_else(
         admin.delete(cc_queue)
 
 
-# Header values the broker stores and gives back as they are (AMQP field-table types).
-_VALUES = st.one_of(
-    st.text(max_size=20),
-    st.integers(min_value=-(2**31), max_value=2**31 - 1),
-    st.booleans(),
-    st.lists(st.text(max_size=10), max_size=3),
-)
 _USER_HEADERS = st.dictionaries(
     st.text(min_size=1, max_size=12).filter(
         lambda key: not key.startswith(h.PREFIX) and key not in ("CC", "BCC", "x-delivery-count")
         and not key.startswith(("x-death", "x-first-death", "x-last-death"))
     ),
-    _VALUES,
+    HEADER_VALUES,
     max_size=5,
 )  # fmt: skip
 _OURS = st.fixed_dictionaries(

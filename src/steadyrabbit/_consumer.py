@@ -19,6 +19,7 @@ import pika.exceptions
 import pika.spec
 
 from . import _headers
+from ._aio import finish
 from ._amqp import ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED, AmqpChannel, AmqpConnection
 from ._app import HandlerSpec
 from ._backoff import backoff_delay
@@ -749,16 +750,7 @@ class Consumer:
             self._channel.close()
         copies = [c.publish for c in self._copies.values()]
         self._copies.clear()
-        pending = [p for p in copies if not p.done()]
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=_CLOSE_PATIENCE)
-            for publish in late:
-                publish.cancel()
-            if late:
-                await asyncio.wait(late)
-        for publish in copies:
-            if not publish.cancelled():
-                publish.exception()  # retrieved: what it means was decided (and logged) already
+        await finish(copies, _CLOSE_PATIENCE)
 
 
 _CLOSE_PATIENCE = 5.0

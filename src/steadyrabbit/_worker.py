@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ._aio import finish
 from ._alerts import Alerter
 from ._app import App
 from ._consumer import Consumer
@@ -240,7 +241,7 @@ class Worker:
         for supervisor in self._supervisors:
             supervisor.close()
         # Pending alerts go out while the connections close; both are bounded.
-        closing = [_finish(self._tasks, _CLOSE_TIMEOUT)]
+        closing = [finish(self._tasks, _CLOSE_TIMEOUT)]
         if self._alerter is not None:
             closing.append(self._alerter.aclose())
         await asyncio.gather(*closing)
@@ -267,22 +268,6 @@ class Worker:
             await self.stop()
         else:
             await self.abort()
-
-
-async def _finish(tasks: Iterable[asyncio.Task[None]], patience: float) -> None:
-    """Give tasks ``patience`` seconds to end by themselves, then cancel them; collect results."""
-    pending = [t for t in tasks if not t.done()]
-    if pending:
-        _, late = await asyncio.wait(pending, timeout=patience)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late)
-    for task in tasks:
-        if not task.cancelled():
-            with contextlib.suppress(SteadyRabbitError):
-                # Errors after stopping (ClosedByUserError and the like) are expected here.
-                task.result()
 
 
 async def _cancel(future: asyncio.Future[Any]) -> None:
