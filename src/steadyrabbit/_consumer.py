@@ -126,6 +126,10 @@ class Consumer:
         # Copies whose original's channel died before the broker confirmed them, by message
         # fingerprint: the redelivered original settles by that copy instead of a new one.
         self._copies: dict[str, _CopyInFlight] = {}
+        # Messages with a message_id whose copy was confirmed and whose original was acked, by
+        # fingerprint, for a few minutes: if that ack died with its connection, the redelivery
+        # is acked by the copy instead of running (and being copied) a second time.
+        self._acked_copies: dict[str, float] = {}
         # The messages between start and settlement, and when each started; kept only with
         # metrics or alerts on (see observe, track_running).
         self._processing: dict[Message, float] | None = None
@@ -344,6 +348,15 @@ class Consumer:
         copy = self._copies.pop(key, None)
         if copy is not None:
             await self._settle_by_copy(message, key, copy)
+            return
+        if self._acked_copies.pop(key, None) is not None:
+            if self._settle(message, ack=True):
+                self.counts.resettled += 1
+                log.info(
+                    "acked %r without running it: its copy was confirmed and its ack was lost "
+                    "with the connection",
+                    message,
+                )
             return
         guard = self._guard
         unfinished = await guard.unfinished(key)
@@ -565,6 +578,9 @@ class Consumer:
             self._keep_copy(key or fingerprint(message, self._vhost), copy)
             return False
         self._copy_done(message, copy)
+        if message.message_id:
+            # Only an id says for sure that a redelivery is this message, not its twin.
+            self._remember_acked_copy(key or fingerprint(message, self._vhost))
         return True
 
     def _copy_done(self, message: Message, copy: _CopyInFlight) -> None:
@@ -581,15 +597,30 @@ class Consumer:
 
     def _keep_copy(self, key: str, copy: _CopyInFlight) -> None:
         # Bounded: a copy nobody claimed within two consumer_timeouts belongs to an original
-        # that went elsewhere (another worker took the redelivery).
+        # that went elsewhere (another worker took the redelivery). Oldest first, by insertion.
         now = monotonic()
-        expired = [k for k, c in self._copies.items() if c.kept_at + 4 * self._aged_after < now]
-        for stale in expired:
-            abandoned = self._copies.pop(stale).publish
+        copies = self._copies
+        while copies:
+            oldest = next(iter(copies))
+            if copies[oldest].kept_at + 4 * self._aged_after >= now:
+                break
+            abandoned = copies.pop(oldest).publish
             abandoned.cancel()  # its original was settled elsewhere: nothing waits for it
             abandoned.add_done_callback(_retrieve)
         copy.kept_at = now
-        self._copies[key] = copy
+        copies.pop(key, None)
+        copies[key] = copy
+
+    def _remember_acked_copy(self, key: str) -> None:
+        remembered = self._acked_copies
+        now = monotonic()
+        while remembered:
+            oldest = next(iter(remembered))
+            if remembered[oldest] + _LOST_ACK_WINDOW >= now and len(remembered) < _LOST_ACK_KEYS:
+                break
+            del remembered[oldest]
+        remembered.pop(key, None)
+        remembered[key] = now
 
     async def _copy_refused(
         self, message: Message, copy: _CopyInFlight, error: PublishRefusedError
@@ -754,6 +785,10 @@ class Consumer:
 
 
 _CLOSE_PATIENCE = 5.0
+# A redelivery after an ack lost with its connection comes once the broker noticed the loss
+# (two heartbeats) and the worker reconnected: well within this. Entries kept at most.
+_LOST_ACK_WINDOW = 300.0
+_LOST_ACK_KEYS = 10_000
 
 
 class _CopyInFlight:

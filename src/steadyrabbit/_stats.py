@@ -44,9 +44,13 @@ class Stats:
         return sum(queue.dead_lettered for queue in self.queues)
 
     @property
+    def resettled(self) -> int:
+        return sum(queue.resettled for queue in self.queues)
+
+    @property
     def succeeded(self) -> int:
         """Messages whose handler succeeded (see :attr:`QueueCounts.succeeded`)."""
-        return self.acked - self.retried - self.dead_lettered
+        return sum(queue.succeeded for queue in self.queues)
 
 
 @dataclass(slots=True)
@@ -57,9 +61,13 @@ class QueueCounts:
     acked: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    #: Redeliveries acked without running: their copy was confirmed but the original's ack
+    #: was lost with its connection.
+    resettled: int = 0
 
     @property
     def succeeded(self) -> int:
         """Messages whose handler succeeded: every ack but those of the originals whose retry
-        or dead-letter copy was confirmed (each acked once, and counted there)."""
-        return self.acked - self.retried - self.dead_lettered
+        or dead-letter copy was confirmed (each acked once, and counted there), and of their
+        redeliveries after a lost ack."""
+        return self.acked - self.retried - self.dead_lettered - self.resettled
