@@ -305,6 +305,7 @@ def test_the_handler_sees_the_original_routing_key_and_its_attempt_on_every_deli
     assert seen == [(exchange, "purchasing.system.contract", n, False) for n in (1, 2, 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.private_node
 def test_a_memory_alarm_does_not_pile_up_copies(
     private_node: BrokerNode, private_admin: Admin, tmp_path: Any

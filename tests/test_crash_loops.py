@@ -101,6 +101,7 @@ def test_a_process_killer_does_not_take_its_neighbours_into_the_dead_letter_queu
     assert admin.counts(queue_name) == (0, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.private_node
 def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
     private_node: BrokerNode, private_admin: Admin, tmp_path: Path
@@ -135,6 +136,7 @@ def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
         private_admin.delete(queue, f"{queue}.dlq")
 
 
+@pytest.mark.slow
 @pytest.mark.private_node
 def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_queue(
     private_node: BrokerNode, private_admin: Admin, tmp_path: Path

@@ -574,6 +574,7 @@ def test_no_broker_is_one_line_and_exit_1() -> None:
 # -- (4) alarms and blocked connections: last, it changes the node for a moment ---------------
 
 
+@pytest.mark.slow
 @needs_node
 def test_memory_alarm_and_blocked_connection_are_critical(node: BrokerNode) -> None:
     blocked_connection: pika.BlockingConnection | None = None

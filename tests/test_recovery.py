@@ -77,6 +77,7 @@ def test_seed1_backlog_with_a_slow_handler_never_trips_consumer_timeout(
     assert private_admin.counts(queue) == (0, 0)
 
 
+@pytest.mark.slow
 def test_prefetched_messages_that_age_toward_consumer_timeout_go_back_unstarted(
     private_node: BrokerNode, private_admin: Admin, queue: str
 ) -> None:
@@ -103,6 +104,7 @@ def test_prefetched_messages_that_age_toward_consumer_timeout_go_back_unstarted(
     assert calls == {str(n).encode(): 1 for n in range(6)}
 
 
+@pytest.mark.slow
 def test_a_channel_closed_by_consumer_timeout_is_reopened_and_the_late_ack_dropped(
     private_node: BrokerNode, private_admin: Admin, queue: str
 ) -> None:
