@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 
 from steadyrabbit import App, Message, Reject, Worker
 from steadyrabbit import _headers as h
-from steadyrabbit._dlq import (
+from steadyrabbit._errors import ConfigurationError, PublishRefusedError
+from steadyrabbit._ops.dlq import (
     DeadLetter,
     DeadLetterReport,
     _replay_properties,
@@ -45,7 +46,6 @@ from steadyrabbit._dlq import (
     replay_dead_letters,
     show_dead_letter,
 )
-from steadyrabbit._errors import ConfigurationError, PublishRefusedError
 from steadyrabbit._preview import PREVIEW_CHARS, body_preview
 from steadyrabbit._settings import Settings
 from tests._strategies import HEADER_VALUES

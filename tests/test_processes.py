@@ -2,8 +2,9 @@
 
 Real broker, real processes, no mocks. A supervisor's workers are found through /proc (the
 live children of its pid), so these tests need Linux. The restart policy, the escalation of a
-stop and the parent-death modes are also tested on :func:`steadyrabbit._processes.supervise`
-itself, run as a small script (SUPERVISOR_SCRIPT) over throwaway ``python -c`` workers.
+stop and the parent-death modes are also tested on
+:func:`steadyrabbit._ops.processes.run_worker_pool` itself, run as a small script
+(SUPERVISOR_SCRIPT) over throwaway ``python -c`` workers.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-# Runs supervise() from code: argv[1] is a JSON object of keyword arguments, the rest the
+# Runs run_worker_pool() from code: argv[1] is a JSON object of keyword arguments, the rest the
 # workers' command line.
 SUPERVISOR_SCRIPT = """
 import json, logging, sys
-from steadyrabbit._processes import supervise
+from steadyrabbit._ops.processes import run_worker_pool
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 options = json.loads(sys.argv[1])
-sys.exit(supervise(sys.argv[2:], **options))
+sys.exit(run_worker_pool(sys.argv[2:], **options))
 """
 
 
@@ -177,7 +178,7 @@ def start_cli(
 def start_script(
     supervisors: list[Supervisor], tmp_path: Path, worker: list[str], **options: Any
 ) -> Supervisor:
-    """SUPERVISOR_SCRIPT: ``supervise(worker, **options)``."""
+    """SUPERVISOR_SCRIPT: ``run_worker_pool(worker, **options)``."""
     argv = [sys.executable, "-c", SUPERVISOR_SCRIPT, json.dumps(options), *worker]
     env = _env(STEADYRABBIT_STATE_DIR=str(tmp_path / "state"))
     supervisor = Supervisor(argv, tmp_path / f"supervisor-{len(supervisors)}.log", env)
@@ -542,7 +543,7 @@ def test_an_app_that_cannot_be_loaded_stops_everything_with_status_2() -> None:
     assert "(a configuration error)" in result.stderr
 
 
-# -- the restart policy and the stop, on supervise() itself ---------------------------------
+# -- the restart policy and the stop, on run_worker_pool() itself -------------------------
 
 
 def python(code: str) -> list[str]:

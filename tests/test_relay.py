@@ -36,7 +36,7 @@ import pika
 import pytest
 
 from steadyrabbit import RetryPolicy, Settings, Worker
-from steadyrabbit._relay import relay_app
+from steadyrabbit._ops.relay import relay_app
 from tests.conftest import MAIN_URL, Admin, eventually
 
 pytestmark = pytest.mark.anyio

@@ -15,7 +15,7 @@ import pytest
 
 from steadyrabbit import App, ConfigurationError, Message, Worker
 from steadyrabbit._errors import StatusUnavailableError
-from steadyrabbit._top import fetch_status, render, status_url, watch
+from steadyrabbit._ops.top import fetch_status, render, status_url, watch
 from tests.conftest import Admin, eventually
 from tests.test_metrics import settings
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from steadyrabbit import App, ConfigurationError, RetryPolicy, Settings, mask_url, parse_url
 from steadyrabbit._backoff import backoff_delay
 from steadyrabbit._headers import attempts, without_ours
-from steadyrabbit._relay import retry_after
+from steadyrabbit._ops.relay import retry_after
 from steadyrabbit._retry import ladder_ms
 from steadyrabbit._url import scrub, url_secrets
 

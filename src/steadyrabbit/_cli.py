@@ -23,7 +23,9 @@ import click
 from ._app import App
 from ._config import CONFIG_ENV, ENV_PREFIX, Config, env_name, flag, load_config
 from ._demo import demo_command
-from ._dlq import (
+from ._doctor import can_encode, diagnose, format_report
+from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
+from ._ops.dlq import (
     ReplayResult,
     dead_letter_queue,
     format_dead_letter,
@@ -33,13 +35,11 @@ from ._dlq import (
     replay_dead_letters,
     show_dead_letter,
 )
-from ._doctor import can_encode, diagnose, format_report
-from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
-from ._processes import supervise, watch_supervisor, without_option
-from ._relay import relay_app
+from ._ops.processes import run_worker_pool, watch_pool, without_option
+from ._ops.relay import relay_app
+from ._ops.top import run_top
 from ._retry import RetryPolicy
 from ._settings import Settings
-from ._top import run_top
 from ._url import MaskingFilter, MaskingFormatter, mask_url
 from ._worker import run
 
@@ -335,7 +335,7 @@ def _configure_logging(level: str, log_format: str) -> None:
 
 
 def _serve(app: App, settings: Settings) -> NoReturn:
-    watch_supervisor()  # a worker of --processes stops when its supervisor is gone
+    watch_pool()  # a worker of --processes stops when its supervisor is gone
     graceful = run(app, settings)
     if graceful:
         sys.exit(EXIT_OK)
@@ -367,7 +367,7 @@ def _supervise(processes: int, settings: Settings) -> NoReturn:
         def slot_args(slot: int) -> list[str]:
             return ["--metrics-port", str(port + slot if port else 0)]
 
-    status = supervise(
+    status = run_worker_pool(
         _worker_command(click.get_current_context()),
         processes,
         grace_period=settings.grace_period,

@@ -43,10 +43,10 @@ from ._errors import (
     StatusUnavailableError,
 )
 from ._headers import REASON
-from ._relay import relay_app
+from ._ops.relay import relay_app
+from ._ops.top import watch
 from ._retry import RetryPolicy
 from ._settings import Settings
-from ._top import watch
 from ._topology import bind_queue, ensure_exchange, ensure_queue
 from ._url import BrokerAddress
 from ._worker import Worker

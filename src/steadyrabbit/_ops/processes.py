@@ -1,7 +1,8 @@
-"""Several worker processes under one supervisor (``steadyrabbit run/relay --processes N``).
+"""Several worker processes under one parent (``steadyrabbit run/relay --processes N``).
 
-The supervisor starts N copies of a command, each a complete worker with its own connection,
-and keeps them running:
+The parent process, a :class:`WorkerPool`, starts N copies of a command, each a complete worker
+with its own connection, and keeps them running. Users know it as the supervisor (logs, help,
+README say so); the code calls it the pool, to leave that word to the connection supervisor.
 
 * a worker that dies (a crash, a signal, any exit the supervisor did not ask for) is started
   again after an exponential backoff with jitter, reset once a worker has stayed up for a while,
@@ -21,7 +22,7 @@ Workers run in their own process group, so a Ctrl-C in a terminal reaches the su
 as a second signal). For the same reason a service manager should signal the supervisor alone
 (systemd: ``KillMode=mixed``). Workers never outlive the supervisor: on Linux the kernel sends
 them SIGTERM when it dies (``PR_SET_PDEATHSIG``); elsewhere each worker watches a pipe whose
-write end only the supervisor holds (:func:`watch_supervisor`) and stops itself when it closes.
+write end only the supervisor holds (:func:`watch_pool`) and stops itself when it closes.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from ._backoff import backoff_delay
-from ._errors import ConfigurationError
+from .._backoff import backoff_delay
+from .._errors import ConfigurationError
 
 log = logging.getLogger("steadyrabbit.processes")
 
@@ -96,7 +97,7 @@ def describe_exit(returncode: int) -> str:
     return f"was killed by {name}"
 
 
-def supervise(
+def run_worker_pool(
     command: Sequence[str],
     processes: int,
     *,
@@ -120,9 +121,9 @@ def supervise(
     with ``env`` (default: this process's environment), plus ``slot_args(i)`` for the worker in
     slot ``i`` (0 to processes - 1), e.g. its own metrics port. Call it from the main thread: it
     handles the signals, and on Linux the workers' parent-death signal is bound to the thread
-    that started them. See :class:`ProcessSupervisor` for the other arguments.
+    that started them. See :class:`WorkerPool` for the other arguments.
     """
-    supervisor = ProcessSupervisor(
+    pool = WorkerPool(
         command,
         processes,
         grace_period=grace_period,
@@ -136,16 +137,17 @@ def supervise(
         parent_death=parent_death,
         slot_args=slot_args,
     )
-    return asyncio.run(supervisor.run())
+    return asyncio.run(pool.run())
 
 
-class ProcessSupervisor:
-    """Keeps ``processes`` copies of ``command`` running; use :func:`supervise`, or from a loop::
+class WorkerPool:
+    """Keeps ``processes`` copies of ``command`` running; use :func:`run_worker_pool`, or from a
+    loop::
 
-        supervisor = ProcessSupervisor(command, 4, grace_period=30)
-        task = asyncio.create_task(supervisor.run(handle_signals=False))
+        pool = WorkerPool(command, 4, grace_period=30)
+        task = asyncio.create_task(pool.run(handle_signals=False))
         ...
-        supervisor.stop()            # graceful; again to stop at once, a third time to kill
+        pool.stop()                  # graceful; again to stop at once, a third time to kill
         status = await task
 
     ``startup_window``: a worker that exits with status 1 this soon after the first start of
@@ -153,7 +155,7 @@ class ProcessSupervisor:
     ``backoff_delay(n, base=restart_delay, cap=restart_delay_max)`` where ``n`` counts the
     restarts since the slot's worker last stayed up ``stable_after`` seconds. ``parent_death``
     chooses how workers notice that the supervisor died: ``"signal"`` (Linux' prctl),
-    ``"pipe"`` (a worker running :func:`watch_supervisor`), ``"auto"``: the first available.
+    ``"pipe"`` (a worker running :func:`watch_pool`), ``"auto"``: the first available.
     Workers still running ``grace_period + stop_margin`` seconds after the first stop are
     stopped at once, and killed ``kill_after`` seconds after that. Run it in the main thread:
     the parent-death signal is sent when the thread that started a worker ends.
@@ -418,7 +420,7 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
-def watch_supervisor() -> None:
+def watch_pool() -> None:
     """In a worker started in ``"pipe"`` mode: SIGTERM this process once the supervisor is gone.
 
     Does nothing in any other process. Removes :data:`SUPERVISOR_FD_ENV` from the environment,

@@ -24,9 +24,9 @@ from typing import Any
 import pika
 import pika.spec
 
-from . import _headers as headers
-from ._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection, first_connection
-from ._errors import (
+from .. import _headers as headers
+from .._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection, first_connection
+from .._errors import (
     AccessRefusedError,
     ChannelClosedError,
     ConfigurationError,
@@ -35,10 +35,10 @@ from ._errors import (
     Reject,
     Retry,
 )
-from ._message import persistent_copy
-from ._preview import body_preview
-from ._settings import Settings
-from ._url import mask_url
+from .._message import persistent_copy
+from .._preview import body_preview
+from .._settings import Settings
+from .._url import mask_url
 
 __all__ = [
     "DeadLetter",

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ._errors import ConfigurationError, StatusUnavailableError
-from ._url import mask_url
+from .._errors import ConfigurationError, StatusUnavailableError
+from .._url import mask_url
 
 __all__ = ["fetch_status", "render", "run_top", "status_url", "watch"]
 

@@ -10,11 +10,11 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from ._app import App
-from ._errors import ConfigurationError, Reject, Retry
-from ._message import Message
-from ._retry import RetryPolicy
-from ._url import MaskingFilter, mask_url, scrub, url_secrets
+from .._app import App
+from .._errors import ConfigurationError, Reject, Retry
+from .._message import Message
+from .._retry import RetryPolicy
+from .._url import MaskingFilter, mask_url, scrub, url_secrets
 
 _BODY_EXCERPT = 200
 _MAX_RETRY_AFTER = 86_400.0
