@@ -27,7 +27,6 @@ from ._doctor import can_encode, diagnose, format_report
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
 from ._ops.dlq import (
     ReplayResult,
-    dead_letter_queue,
     format_dead_letter,
     format_dead_letters,
     list_dead_letters,
@@ -40,6 +39,7 @@ from ._ops.relay import relay_app
 from ._ops.top import run_top
 from ._retry import RetryPolicy
 from ._settings import Settings
+from ._topology import dead_letter_queue_name
 from ._url import MaskingFilter, MaskingFormatter, mask_url
 from ._worker import run
 
@@ -581,7 +581,7 @@ def _confirmed(
     """
     if yes:
         return True
-    dlq = dead_letter_queue(queue)
+    dlq = dead_letter_queue_name(queue)
     if not sys.stdin.isatty():
         raise ConfigurationError(f"refusing to {action} {dlq} without --yes")
     count = asyncio.run(list_dead_letters(settings, queue, limit=0)).count
@@ -638,7 +638,7 @@ def dlq_replay_command(
     command again to replay the rest. A second signal aborts at once (exit status 1).
     """
     settings = config.settings()
-    dlq = dead_letter_queue(queue)
+    dlq = dead_letter_queue_name(queue)
 
     def question(count: int) -> str:
         if message_id is not None:
@@ -732,7 +732,7 @@ async def _replay(
         if len(signals) > 1:
             raise ClosedByUserError(
                 f"replay aborted by a second signal; the message in flight, if any, may now be "
-                f"both in its queue and in {dead_letter_queue(queue)}"
+                f"both in its queue and in {dead_letter_queue_name(queue)}"
             ) from None
         raise
     finally:
@@ -770,7 +770,7 @@ def dlq_purge_command(
 ) -> None:
     """Delete every message of QUEUE.dlq. Asks first, unless --yes."""
     settings = config.settings()
-    dlq = dead_letter_queue(queue)
+    dlq = dead_letter_queue_name(queue)
 
     def question(count: int) -> str:
         return f"Delete the {count} messages of {dlq}? This cannot be undone."

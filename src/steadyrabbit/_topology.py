@@ -1,4 +1,9 @@
-"""Declaring what a consumer needs, so that an existing queue or exchange is used as it is."""
+"""Declaring what a consumer needs, so that an existing queue or exchange is used as it is.
+
+Also the one place that names the queues steadyrabbit makes for a queue: ``<queue>.dlq`` and
+``<queue>.retry.<ms>ms``. The consumer, the dead-letter tools, doctor and :class:`HandlerSpec`
+all ask here, so that they can never disagree on where a message went.
+"""
 
 from __future__ import annotations
 
@@ -132,8 +137,24 @@ def queue_type_arguments(queue_type: str) -> dict[str, Any]:
     return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
 
 
+def dead_letter_queue_name(queue: str) -> str:
+    """``<queue>.dlq``, where what ``queue``'s handler gave up on (or rejected) goes."""
+    return f"{queue}.dlq"
+
+
+def retry_queue_name(queue: str, delay_ms: int) -> str:
+    """``<queue>.retry.<ms>ms``, where a copy waits ``delay_ms`` before going back to ``queue``."""
+    return f"{queue}.retry.{delay_ms}ms"
+
+
+def retry_queue_pattern(queue: str) -> str:
+    """A regular expression that matches the name of every retry queue of ``queue`` (as the
+    management API's ``use_regex`` filter takes it)."""
+    return f"^{re.escape(queue)}\\.retry\\.[0-9]+ms$"
+
+
 def dead_letter_queue(queue: str, queue_type: str) -> OwnQueue:
-    return OwnQueue(f"{queue}.dlq", queue_type_arguments(queue_type))
+    return OwnQueue(dead_letter_queue_name(queue), queue_type_arguments(queue_type))
 
 
 def retry_queue(queue: str, delay_ms: int, queue_type: str) -> OwnQueue:
@@ -148,7 +169,7 @@ def retry_queue(queue: str, delay_ms: int, queue_type: str) -> OwnQueue:
         # Quorum queues dead-letter at most once unless told otherwise.
         arguments["x-dead-letter-strategy"] = "at-least-once"
         arguments["x-overflow"] = "reject-publish"
-    return OwnQueue(f"{queue}.retry.{delay_ms}ms", arguments)
+    return OwnQueue(retry_queue_name(queue, delay_ms), arguments)
 
 
 async def declare_own_queue(channel: AmqpChannel, queue: OwnQueue) -> None:

@@ -38,6 +38,7 @@ from .._errors import (
 from .._message import persistent_copy
 from .._preview import body_preview
 from .._settings import Settings
+from .._topology import dead_letter_queue_name
 from .._url import mask_url
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "DeadLetterMessage",
     "DeadLetterReport",
     "ReplayResult",
-    "dead_letter_queue",
     "error_headline",
     "exception_name",
     "format_dead_letter",
@@ -57,11 +57,6 @@ __all__ = [
 ]
 
 Progress = Callable[[int, int], None]
-
-
-def dead_letter_queue(queue: str) -> str:
-    """The dead-letter queue steadyrabbit declares for ``queue``."""
-    return f"{queue}.dlq"
 
 
 @dataclass(frozen=True)
@@ -226,7 +221,7 @@ def _whole(
     found: dict[str, Any] = dict(props.headers or {})
     return DeadLetterMessage(
         queue=queue,
-        dead_letter_queue=dead_letter_queue(queue),
+        dead_letter_queue=dead_letter_queue_name(queue),
         position=position,
         count=count,
         summary=_dead_letter(position, props, body),
@@ -298,7 +293,7 @@ async def _count(channel: AmqpChannel, queue: str) -> int:
 
     A missing queue closes the channel (the broker answers a passive declare with 404).
     """
-    dlq = dead_letter_queue(queue)
+    dlq = dead_letter_queue_name(queue)
     try:
         ready, _consumers = await channel.declare_queue(dlq, passive=True)
     except ChannelClosedError as exc:
@@ -330,7 +325,7 @@ async def _peek(
     They are taken without ack and all given back at the end (nack with requeue), so the queue
     is left as it was, in the same order (the broker marks them redelivered).
     """
-    dlq = dead_letter_queue(queue)
+    dlq = dead_letter_queue_name(queue)
     async with _connection(settings, purpose) as connection:
         channel = await connection.channel()
         count = await _count(channel, queue)
@@ -367,7 +362,7 @@ async def list_dead_letters(settings: Settings, queue: str, *, limit: int = 20) 
         for position, (props, body) in enumerate(taken, start=1)
     )
     return DeadLetterReport(
-        queue=queue, dead_letter_queue=dead_letter_queue(queue), count=count, entries=entries
+        queue=queue, dead_letter_queue=dead_letter_queue_name(queue), count=count, entries=entries
     )
 
 
@@ -383,7 +378,7 @@ async def show_dead_letter(settings: Settings, queue: str, position: int) -> Dea
     if len(taken) < position:
         held = "message" if len(taken) == 1 else "messages"
         raise ConfigurationError(
-            f"there is no message {position} in {dead_letter_queue(queue)}: it holds "
+            f"there is no message {position} in {dead_letter_queue_name(queue)}: it holds "
             f"{len(taken)} {held}"
         )
     props, body = taken[-1]
@@ -419,7 +414,7 @@ async def replay_dead_letters(
     ends the replay after the message in hand.
     """
     _check_limit(limit)
-    dlq = dead_letter_queue(queue)
+    dlq = dead_letter_queue_name(queue)
     filtered = error_filter is not None or message_id is not None
     async with _connection(settings, "replay") as connection:
         getter = await connection.channel()
@@ -496,7 +491,7 @@ async def purge_dead_letters(settings: Settings, queue: str) -> int:
     async with _connection(settings, "purge") as connection:
         channel = await connection.channel()
         await _count(channel, queue)
-        return await channel.purge(dead_letter_queue(queue))
+        return await channel.purge(dead_letter_queue_name(queue))
 
 
 # -- for people: the table of `dlq list`, the whole message of `dlq show` ------------------------
