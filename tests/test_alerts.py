@@ -55,8 +55,8 @@ from steadyrabbit._alerts import (
     AlertEvent,
     ReconnectCounter,
     _secrets_of,
-    parse_smtp_url,
 )
+from steadyrabbit._alert_settings import parse_smtp_url
 from steadyrabbit._url import scrub
 from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, eventually

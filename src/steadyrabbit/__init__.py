@@ -7,17 +7,9 @@ several brokers, and shutdown finishes the work in flight. Failures are retried 
 per-delay retry queues (no broker plugin) and end in ``<queue>.dlq``, and so do crash loops.
 """
 
-from ._alerts import AlertSettings
+from ._alert_settings import AlertSettings
 from ._app import App, HandlerSpec
-from ._consumer import Outcome
-from ._dlq import (
-    DeadLetter,
-    DeadLetterReport,
-    ReplayResult,
-    list_dead_letters,
-    purge_dead_letters,
-    replay_dead_letters,
-)
+from ._decision import Decision, Outcome, decide
 from ._errors import (
     AccessRefusedError,
     AuthenticationError,
@@ -36,7 +28,16 @@ from ._errors import (
     TopologyConflictError,
 )
 from ._message import Message
-from ._relay import relay_app
+from ._middleware import Middleware, Publish
+from ._ops.dlq import (
+    DeadLetter,
+    DeadLetterReport,
+    ReplayResult,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+)
+from ._ops.relay import relay_app
 from ._retry import RetryPolicy
 from ._settings import Settings
 from ._stats import Stats
@@ -56,12 +57,15 @@ __all__ = [
     "ConnectionLostError",
     "DeadLetter",
     "DeadLetterReport",
+    "Decision",
     "HandlerExit",
     "HandlerSpec",
     "Message",
     "MessageReturnedError",
+    "Middleware",
     "Outcome",
     "PermanentBrokerError",
+    "Publish",
     "PublishRefusedError",
     "Reject",
     "ReplayResult",
@@ -72,6 +76,7 @@ __all__ = [
     "SteadyRabbitError",
     "TopologyConflictError",
     "Worker",
+    "decide",
     "list_dead_letters",
     "mask_url",
     "parse_url",

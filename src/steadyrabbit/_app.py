@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 from ._errors import ConfigurationError, HandlerExit
 from ._message import Message
+from ._middleware import Middleware
 from ._retry import RetryPolicy
+from ._topology import dead_letter_queue_name
 
 AsyncHandler = Callable[[Message], Awaitable[Any]]
 SyncHandler = Callable[[Message], Any]
@@ -170,6 +172,8 @@ class HandlerSpec:
     #: As registered; None where the consumer left it to the defaults (App.apply_defaults).
     own_concurrency: int | None = None
     own_prefetch: int | None = None
+    #: This consumer's own middleware (inside the app's); see :mod:`._middleware`.
+    middleware: tuple[Middleware, ...] = ()
 
     @property
     def name(self) -> str:
@@ -178,7 +182,7 @@ class HandlerSpec:
 
     @property
     def dead_letter_queue(self) -> str:
-        return f"{self.queue}.dlq"
+        return dead_letter_queue_name(self.queue)
 
     @property
     def threaded(self) -> _ThreadedHandler | None:
@@ -193,11 +197,19 @@ class App:
     ... def handle(message: Message) -> None: ...
     """
 
-    def __init__(self, *, retry: RetryPolicy | None = None, queue_type: str = "classic") -> None:
-        """``retry`` and ``queue_type`` are defaults for every handler registered later."""
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        queue_type: str = "classic",
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        """``retry`` and ``queue_type`` are defaults for every handler registered later.
+        ``middleware`` wraps and observes every consumer (see :class:`Middleware`)."""
         _check_queue_type(queue_type)
         self.retry = retry or RetryPolicy()
         self.queue_type = queue_type
+        self.middleware = _middleware_list(middleware)
         self._specs: list[HandlerSpec] = []
         self._shutdown_hooks: list[Hook] = []
         self._window_defaults: tuple[int | None, int | None] = (None, None)
@@ -223,6 +235,7 @@ class App:
         decode: str | Decoder | None = None,
         retry: RetryPolicy | None = None,
         queue_type: str | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> Callable[[H], H]:
         """Register the decorated function (sync or ``async def``) as the handler of ``queue``.
 
@@ -240,7 +253,8 @@ class App:
         body that fails to decode is dead-lettered.
         ``retry`` (default: the app's) decides how failures are retried; ``queue_type``
         ("classic" or "quorum", default: the app's) is the type of the retry and dead-letter
-        queues, and of the consumed queue if it has to be created.
+        queues, and of the consumed queue if it has to be created. ``middleware``: this
+        consumer's own, inside the app's.
         """
 
         def register(fn: H) -> H:
@@ -256,6 +270,7 @@ class App:
                 decode=decode,
                 retry=retry,
                 queue_type=queue_type,
+                middleware=middleware,
             )
             return fn
 
@@ -275,6 +290,7 @@ class App:
         decode: str | Decoder | None = None,
         retry: RetryPolicy | None = None,
         queue_type: str | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> HandlerSpec:
         """Register ``fn`` as the handler of ``queue``; see :meth:`consumer`."""
         if not queue or len(queue.encode()) > 250:
@@ -318,6 +334,7 @@ class App:
             queue_type=queue_type or self.queue_type,
             own_concurrency=own_concurrency,
             own_prefetch=own_prefetch,
+            middleware=_middleware_list(middleware),
         )
         self._specs.append(spec)
         return spec
@@ -447,6 +464,16 @@ def _window(
             f"prefetch must be between the concurrency ({concurrency}) and {_MAX_WINDOW}"
         )
     return concurrency, prefetch
+
+
+def _middleware_list(middleware: Sequence[Middleware]) -> tuple[Middleware, ...]:
+    found = tuple(middleware)
+    for item in found:
+        if not isinstance(item, Middleware):
+            raise ConfigurationError(
+                f"middleware must be instances of steadyrabbit.Middleware, not {item!r}"
+            )
+    return found
 
 
 def _check_queue_type(queue_type: str) -> None:

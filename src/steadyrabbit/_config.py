@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-from ._alerts import AlertSettings
+from ._alert_settings import AlertSettings
 from ._errors import ConfigurationError
 from ._settings import DEFAULT_URL, Settings
 

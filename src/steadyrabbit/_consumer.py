@@ -4,45 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
-from time import monotonic, perf_counter
+from time import monotonic
 from types import CodeType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pika.exceptions
 import pika.spec
 
 from . import _headers
 from ._aio import finish
-from ._amqp import ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED, AmqpChannel, AmqpConnection
+from ._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection
 from ._app import HandlerSpec
 from ._backoff import backoff_delay
 from ._crashguard import CrashGuard
 from ._crashlog import fingerprint
+from ._decision import CrashLoop, Decision, Outcome, decide
 from ._errors import (
     AccessRefusedError,
     ChannelClosedError,
     ClosedByUserError,
     ConnectionLostError,
-    HandlerExit,
     PermanentBrokerError,
     PublishRefusedError,
     Reject,
     Retry,
     SteadyRabbitError,
+    is_consumer_timeout,
 )
 from ._message import Message, persistent_copy
+from ._middleware import Hooks, Publish
 from ._publisher import Publisher
 from ._settings import Settings
 from ._stats import QueueCounts, Stats
 from ._supervisor import Supervisor
 from ._topology import (
+    OwnQueue,
     bind_queue,
     dead_letter_queue,
     declare_own_queue,
@@ -50,10 +52,6 @@ from ._topology import (
     ensure_queue,
     retry_queue,
 )
-from ._url import mask_url
-
-if TYPE_CHECKING:
-    from ._alerts import Alerter
 
 log = logging.getLogger("steadyrabbit")
 
@@ -63,12 +61,6 @@ _MAX_REASON = 1000
 _STALL_SETTLE = 0.5
 
 
-class Outcome(enum.Enum):
-    """What happens to a message once its handler is done with it."""
-
-    ACK = "ack"  # handled: acked
-    RETRY = "retry"  # a copy waits in a retry queue, then comes back; the original is acked
-    DEAD_LETTER = "dead_letter"  # a copy goes to <queue>.dlq with the reason; original acked
 # A message that waited unstarted for this share of consumer_timeout goes back to the queue, so
 # that waiting plus running stays under the broker's delivery acknowledgement timeout.
 _AGED_SHARE = 0.5
@@ -90,8 +82,7 @@ class Consumer:
         settings: Settings,
         stats: Stats,
         guard: CrashGuard,
-        *,
-        alerter: Alerter | None = None,
+        hooks: Hooks,
     ) -> None:
         self.spec = spec
         self._supervisor = supervisor
@@ -101,7 +92,10 @@ class Consumer:
         #: This queue's per-message counters; ``stats`` sums every consumer's.
         self.counts = QueueCounts()
         stats.queues.append(self.counts)
-        self._handler = spec.handler
+        self._hooks = hooks
+        # The handler inside every around_handler middleware, composed once: with none, the
+        # handler itself, and a message costs nothing more.
+        self._handler = hooks.wrap_handler(spec.handler)
         self._decode = spec.decode
         self._concurrency = spec.concurrency
         self.ready = asyncio.Event()
@@ -131,9 +125,8 @@ class Consumer:
         # is acked by the copy instead of running (and being copied) a second time.
         self._acked_copies: dict[str, float] = {}
         # The messages between start and settlement, and when each started; kept only with
-        # metrics or alerts on (see observe, track_running).
+        # an observer asked for them (track_running).
         self._processing: dict[Message, float] | None = None
-        self._alerter = alerter
 
     # -- channel lifecycle ------------------------------------------------------------------
 
@@ -238,6 +231,7 @@ class Consumer:
             self._on_channel_lost(channel, channel.closed.result())
         else:
             self._stats.consumer_cancels += 1
+            self._hooks.on_consumer_cancelled(self.spec.queue)
             log.warning(
                 "the broker cancelled the consumer of %r (queue deleted or moved); re-subscribing",
                 self.spec.queue,
@@ -250,11 +244,12 @@ class Consumer:
 
     def _on_channel_lost(self, channel: AmqpChannel, reason: SteadyRabbitError) -> None:
         self._consumer_tag = None
+        self._hooks.on_channel_lost(self.spec.queue, reason)
         # Deliveries of a closed channel are requeued by the broker: forget the unstarted ones.
         self._waiting = deque(m for m in self._waiting if m._channel is not channel)
         if isinstance(reason, ChannelClosedError):
             self._stats.channel_recoveries += 1
-            if reason.reply_code == PRECONDITION_FAILED and "timeout" in reason.reply_text.lower():
+            if is_consumer_timeout(reason):
                 log.error(
                     "the broker closed the channel of %r because a delivery was not acknowledged "
                     "within its consumer_timeout (%s): a handler ran too long or messages waited "
@@ -263,8 +258,6 @@ class Consumer:
                     self.spec.queue,
                     reason.reply_text,
                 )
-                if self._alerter is not None:
-                    self._alerter.consumer_timed_out(self.spec.queue, reason.reply_text)
             elif reason.reply_code == NOT_FOUND:
                 log.warning("queue %r is gone (%s); re-declaring", self.spec.queue, reason)
             else:
@@ -375,9 +368,8 @@ class Consumer:
                 unfinished = await guard.unfinished(key)
             starts = (unfinished or 0) + 1  # the first delivery was never recorded
             if starts >= self._retry.max_deliveries:
-                if await self._send_copy(
-                    message, Outcome.DEAD_LETTER, _crash_reason(starts), "CrashLoop"
-                ):
+                crash_loop = decide(CrashLoop(starts), message.properties.headers, self._retry)
+                if await self._send_copy(message, crash_loop):
                     await guard.forget(key)
                 return
             await guard.record_start(key)
@@ -394,7 +386,7 @@ class Consumer:
         the channel closed on ``consumer_timeout`` is not a crash); False if the run counts as
         a crash: an async handler blocked the event loop and its connection died of it.
         """
-        delay: float | None = None
+        error: Exception | None = None
         try:
             if self._decode is not None:
                 try:
@@ -402,29 +394,19 @@ class Consumer:
                 except Exception as exc:
                     raise Reject(f"undecodable body: {type(exc).__name__}: {exc}") from exc
             await self._handler(message)
-        except Reject as exc:
-            outcome, reason = Outcome.DEAD_LETTER, exc.reason
-            error_type = _qualified_name(exc.__cause__ or exc)
-        except Retry as exc:
-            outcome, reason, delay = Outcome.RETRY, exc.reason, exc.delay
-            error_type = _qualified_name(exc.__cause__ or exc)
         except Exception as exc:
-            self._stats.handler_errors += 1
-            if isinstance(exc, HandlerExit):  # sys.exit() in a handler: name what it raised
-                reason, error_type = str(exc), _qualified_name(exc.exception)
-            else:
-                reason, error_type = f"{type(exc).__name__}: {exc}", _qualified_name(exc)
-            permanent = self._retry.is_permanent(exc)
-            outcome = Outcome.DEAD_LETTER if permanent else Outcome.RETRY
-            log.warning("handler %s failed on %r", self.spec.name, message, exc_info=True)
-        else:
-            if message.blocked_loop and not await self._survived_stall(message):
-                return False
-            self._settle(message, ack=True)
-            return True
+            error = exc
+            if not isinstance(exc, Reject | Retry):  # a handler's own decisions are no errors
+                self._stats.handler_errors += 1
+                log.warning("handler %s failed on %r", self.spec.name, message, exc_info=True)
         if message.blocked_loop and not await self._survived_stall(message):
             return False
-        await self._send_copy(message, outcome, reason, error_type, delay)
+        if error is None:
+            if self._settle(message, ack=True) and self._hooks.settled:
+                acked = decide(None, message.properties.headers, self._retry)
+                self._hooks.on_settled(message, acked)
+            return True
+        await self._send_copy(message, decide(error, message.properties.headers, self._retry))
         return True
 
     async def _survived_stall(self, message: Message) -> bool:
@@ -483,14 +465,7 @@ class Consumer:
     def _requeue(self, message: Message) -> None:
         self._settle(message, ack=False, requeue=True)
 
-    async def _send_copy(
-        self,
-        message: Message,
-        outcome: Outcome,
-        reason: str,
-        error_type: str,
-        delay: float | None = None,
-    ) -> bool:
+    async def _send_copy(self, message: Message, decision: Decision) -> bool:
         """Retry or dead-letter: publish a copy, wait for the broker's confirm, then ack.
 
         The message is never in zero places. If the delivering channel dies first, the copy
@@ -501,39 +476,43 @@ class Consumer:
         channel = message._channel
         if not channel.is_open:
             return self._settle(message, ack=False)  # counts and logs the stale delivery
-        # An exception's text may carry a URL with a password or a token (httpx errors do);
-        # the reason is stored on the broker and shown by `dlq`, so it is masked first.
-        reason = mask_url(reason)[:_MAX_REASON]
-        attempts = _headers.attempts(message.properties.headers) + 1
-        policy = self._retry
-        if outcome is Outcome.RETRY and attempts >= policy.max_attempts:
-            outcome = Outcome.DEAD_LETTER
-            reason = f"gave up after {attempts} attempts: {reason}"[:_MAX_REASON]
-        if outcome is Outcome.RETRY:
-            wait = delay if delay is not None else policy.delay(attempts, random.random)
-            target = retry_queue(self.spec.queue, policy.bucket_ms(wait), self.spec.queue_type)
+        if decision.outcome is Outcome.RETRY:
+            bucket = self._retry.bucket_ms(decision.delay or 0.0)
+            target = retry_queue(self.spec.queue, bucket, self.spec.queue_type)
         else:
             target = self._dead_letter_queue
-        properties = self._copy_properties(message, attempts, reason, error_type)
-        publish = asyncio.ensure_future(
-            self._publisher.publish_to_queue(target, message.body, properties)
-        )
-        copy = _CopyInFlight(outcome, target.name, reason, error_type, publish)
-        return await self._settle_by_copy(message, None, copy)
+        decision = replace(decision, target=target.name)
+        properties = self._copy_properties(message, decision)
+        if self._hooks.around_publish:
+            publishing = self._publish_through_middleware(target, message, properties)
+        else:
+            publishing = self._publisher.publish_to_queue(target, message.body, properties)
+        publish = asyncio.ensure_future(publishing)
+        return await self._settle_by_copy(message, None, _CopyInFlight(decision, publish))
+
+    async def _publish_through_middleware(
+        self, target: OwnQueue, message: Message, properties: pika.spec.BasicProperties
+    ) -> None:
+        async def publish(copy: Publish) -> None:
+            properties.headers = copy.headers
+            await self._publisher.publish_to_queue(target, copy.body, properties)
+
+        copy = Publish(target.name, message.body, dict(properties.headers or {}))
+        await self._hooks.wrap_publish(publish)(copy)
 
     def _copy_properties(
-        self, message: Message, attempts: int, reason: str, error_type: str
+        self, message: Message, decision: Decision
     ) -> pika.spec.BasicProperties:
         old = message.properties.headers or {}
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         copy_headers = _headers.without_ours(old)
         copy_headers.update(
             {
-                _headers.ATTEMPTS: attempts,
+                _headers.ATTEMPTS: decision.attempt,
                 _headers.FIRST_FAILED_AT: old.get(_headers.FIRST_FAILED_AT, now),
                 _headers.FAILED_AT: now,
-                _headers.REASON: reason,
-                _headers.EXCEPTION: error_type,
+                _headers.REASON: decision.reason,
+                _headers.EXCEPTION: decision.error_type,
                 _headers.QUEUE: self.spec.queue,
                 _headers.EXCHANGE: message.exchange,
                 _headers.ROUTING_KEY: message.routing_key,
@@ -564,7 +543,7 @@ class Consumer:
             if isinstance(error, PublishRefusedError):
                 return await self._copy_refused(message, copy, error)
             if isinstance(error, PermanentBrokerError):
-                log.error("could not copy %r to %r: %s", message, copy.target, error)
+                log.error("could not copy %r to %r: %s", message, copy.decision.target, error)
                 if not self._fatal.done():
                     self._fatal.set_result(error)
                 return False
@@ -584,16 +563,15 @@ class Consumer:
         return True
 
     def _copy_done(self, message: Message, copy: _CopyInFlight) -> None:
-        if copy.outcome is Outcome.RETRY:
+        decision = copy.decision
+        if decision.outcome is Outcome.RETRY:
             self.counts.retried += 1
-            log.info("retrying %r via %r (%s)", message, copy.target, copy.reason)
+            log.info("retrying %r via %r (%s)", message, decision.target, decision.reason)
         else:
             self.counts.dead_lettered += 1
-            log.warning("dead-lettered %r to %r: %s", message, copy.target, copy.reason)
-            if self._alerter is not None:
-                self._alerter.dead_lettered(
-                    self.spec.queue, copy.error_type, copy.reason, message.body
-                )
+            log.warning("dead-lettered %r to %r: %s", message, decision.target, decision.reason)
+        if self._hooks.settled:
+            self._hooks.on_settled(message, decision)
 
     def _keep_copy(self, key: str, copy: _CopyInFlight) -> None:
         # Bounded: a copy nobody claimed within two consumer_timeouts belongs to an original
@@ -625,22 +603,22 @@ class Consumer:
     async def _copy_refused(
         self, message: Message, copy: _CopyInFlight, error: PublishRefusedError
     ) -> bool:
-        if copy.outcome is Outcome.RETRY:
+        refused = copy.decision
+        if refused.outcome is Outcome.RETRY:
             log.warning(
                 "the broker refused the retry copy of %r to %r (%s); dead-lettering it instead",
                 message,
-                copy.target,
+                refused.target,
                 error,
             )
+            reason = f"{refused.reason} (the retry copy to {refused.target} was refused: {error})"
             return await self._send_copy(
                 message,
-                Outcome.DEAD_LETTER,
-                f"{copy.reason} (the retry copy to {copy.target} was refused: {error})",
-                copy.error_type,
+                replace(refused, outcome=Outcome.DEAD_LETTER, reason=reason, delay=None),
             )
         stop = PublishRefusedError(
             f"the broker refused the dead letter of a message of {self.spec.queue!r} to "
-            f"{copy.target!r} ({error}): check that queue's policies (a max-length with "
+            f"{refused.target!r} ({error}): check that queue's policies (a max-length with "
             "reject-publish?) and the user's write permission; the message stays in its queue",
             reply_code=error.reply_code,
         )
@@ -689,25 +667,7 @@ class Consumer:
         """Prefetched messages waiting for a free handler slot."""
         return len(self._waiting)
 
-    # -- metrics (off unless observe() was called) ----------------------------------------------
-
-    def observe(self, on_duration: Callable[[float], None]) -> None:
-        """Time every handler call (``on_duration(seconds)``, on the event loop) and keep the
-        messages being processed, for :meth:`oldest_unacked`. Call before :meth:`run`.
-
-        Without it a message costs nothing more than one ``is None`` test at its start and end.
-        """
-        self.track_running()
-        handler = self._handler
-
-        async def timed(message: Message) -> Any:
-            started = perf_counter()
-            try:
-                return await handler(message)
-            finally:
-                on_duration(perf_counter() - started)
-
-        self._handler = timed
+    # -- what observers read (see _view.ConsumerView) -------------------------------------
 
     def track_running(self) -> None:
         """Keep the messages being processed and their start times (see :meth:`running`).
@@ -717,13 +677,13 @@ class Consumer:
 
     def running(self) -> list[tuple[Message, float]]:
         """The messages being processed, each with when (``time.monotonic()``) it started;
-        empty unless :meth:`track_running` (or :meth:`observe`) was called."""
+        empty unless :meth:`track_running` was called."""
         return list((self._processing or {}).items())
 
     def oldest_unacked(self) -> float | None:
         """When (``time.monotonic()``) the oldest delivery not yet settled on its still open
         channel arrived: the one nearest to the broker's ``consumer_timeout``. None if there
-        is none. Messages being processed count only once :meth:`observe` was called.
+        is none. Messages being processed count only once :meth:`track_running` was called.
         """
         oldest = next((m.received_at for m in self._waiting if not m._channel.closed.done()), None)
         for message in self._processing or ():
@@ -792,22 +752,13 @@ _LOST_ACK_KEYS = 10_000
 
 
 class _CopyInFlight:
-    """A retry or dead-letter copy being published for a message, and what it means."""
+    """A retry or dead-letter copy being published for a message, and the decision it carries
+    out (its ``target`` set)."""
 
-    __slots__ = ("error_type", "kept_at", "outcome", "publish", "reason", "target")
+    __slots__ = ("decision", "kept_at", "publish")
 
-    def __init__(
-        self,
-        outcome: Outcome,
-        target: str,
-        reason: str,
-        error_type: str,
-        publish: asyncio.Future[None],
-    ) -> None:
-        self.outcome = outcome
-        self.target = target
-        self.reason = reason
-        self.error_type = error_type
+    def __init__(self, decision: Decision, publish: asyncio.Future[None]) -> None:
+        self.decision = decision
         self.publish = publish
         self.kept_at = 0.0
 
@@ -815,17 +766,3 @@ class _CopyInFlight:
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _qualified_name(exc: BaseException) -> str:
-    kind = type(exc)
-    if kind.__module__ == "builtins":
-        return kind.__qualname__
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _crash_reason(starts: int) -> str:
-    return (
-        f"started {starts} times without finishing: its handler kept crashing the process "
-        "or its connection"
-    )

@@ -101,6 +101,11 @@ class MessageReturnedError(SteadyRabbitError):
         self.reply_text = reply_text
 
 
+def is_consumer_timeout(error: ChannelClosedError) -> bool:
+    """The broker closed the channel because a delivery outlived its ``consumer_timeout``."""
+    return error.reply_code == 406 and "timeout" in error.reply_text.lower()
+
+
 class ClosedByUserError(SteadyRabbitError):
     """The connection or channel was closed on purpose by this process."""
 

@@ -10,7 +10,7 @@ status: ``GET /status.json`` (one JSON document, see :mod:`steadyrabbit._status`
 Nothing here runs per message except where it has to: the counters the worker keeps anyway
 (:class:`Stats`) are read when scraped, by a custom collector; only the handler durations and
 the messages being processed (for the age of the oldest unacked delivery) are recorded per
-message, and only while metrics are on (:meth:`Consumer.observe`). Each worker has its own
+message, and only while metrics are on (its ``around_handler``). Each worker has its own
 registry; importing this module registers nothing anywhere. Labels never carry a password: the
 broker appears as its masked URL.
 """
@@ -22,10 +22,9 @@ import contextlib
 import json
 import logging
 import os
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from time import monotonic, time
-from typing import TYPE_CHECKING
+from time import monotonic, perf_counter, time
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from prometheus_client import (
@@ -44,24 +43,17 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ._errors import ConfigurationError
+from ._measures import BrokerTraffic, Durations
+from ._middleware import CallNext, Middleware
 from ._status import RECONNECT_CAUSES, build_status, not_ready_reason, status_page
 
 if TYPE_CHECKING:
-    from ._amqp import AmqpConnection
-    from ._consumer import Consumer
-    from ._worker import Worker
+    from ._message import Message
+    from ._view import ConsumerView, WorkerView
 
 __all__ = ["Durations", "MetricsServer"]
 
 log = logging.getLogger("steadyrabbit")
-
-#: Upper bounds of the handler-duration buckets, in seconds: from a no-op to a handler that
-#: runs for most of RabbitMQ's default consumer_timeout (30 min).
-DURATION_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
-)  # fmt: skip
-_BUCKET_LABELS = (*(repr(bound) for bound in DURATION_BUCKETS), "+Inf")
 
 _MAX_REQUEST_HEAD = 8192
 _REQUEST_TIMEOUT = 10.0
@@ -79,60 +71,11 @@ _JSON = "application/json"
 _HTML = "text/html; charset=utf-8"
 
 
-class Durations:
-    """A histogram of handler durations for the event loop's thread alone: no lock, one bisect
-    per observation. Read at scrape time (on the same thread) by the collector."""
-
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for label, count in zip(_BUCKET_LABELS, self.counts, strict=True):
-            running += count
-            buckets.append((label, running))
-        return buckets
-
-
-class BrokerTraffic:
-    """Seconds since bytes last came from the broker, per connection, without a polling task.
-
-    pika counts the bytes it reads but keeps no timestamp; each look (a scrape or a probe)
-    compares the count with the previous look's. So the age under-reports by at most the time
-    between two looks: fine for alerting on a connection gone silent for heartbeats' worth.
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[AmqpConnection, int, float]] = {}
-
-    def look(self, connections: dict[str, AmqpConnection | None]) -> None:
-        now = monotonic()
-        for role, connection in connections.items():
-            if connection is None:
-                continue  # while reconnecting the silence goes on
-            seen = self._seen.get(role)
-            received = connection.bytes_received
-            if seen is None or seen[0] is not connection or seen[1] != received:
-                self._seen[role] = (connection, received, now)
-
-    def age(self, role: str) -> float | None:
-        seen = self._seen.get(role)
-        return None if seen is None else monotonic() - seen[2]
-
-
 class WorkerCollector(Collector):
     """Reads a worker's state when scraped; runs on the event loop's thread."""
 
     def __init__(
-        self, worker: Worker, durations: dict[str, Durations], traffic: BrokerTraffic
+        self, worker: WorkerView, durations: dict[str, Durations], traffic: BrokerTraffic
     ) -> None:
         self._worker = worker
         self._durations = durations
@@ -264,7 +207,7 @@ class WorkerCollector(Collector):
         yield broker
         yield traffic
 
-    def _consumers(self, consumers: Iterable[Consumer]) -> Iterator[Metric]:
+    def _consumers(self, consumers: Iterable[ConsumerView]) -> Iterator[Metric]:
         now = monotonic()
         running = GaugeMetricFamily(
             "steadyrabbit_in_flight_messages",
@@ -341,24 +284,23 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"steadyrabbit_{name}", documentation, value=value)
 
 
-class MetricsServer:
-    """The HTTP endpoint of one worker: started and stopped by the worker, on its loop.
+class MetricsServer(Middleware):
+    """The HTTP endpoint of one worker, as a middleware: it times every handler run
+    (``around_handler``), serves while the worker runs (``on_worker_start`` to
+    ``on_worker_stop``), and reads the worker's state at scrape time.
 
     A minimal HTTP/1.1 server (GET and HEAD of a few paths, one request per connection) on
     :func:`asyncio.start_server`, so that it answers exactly as long as the event loop that
     owns the AMQP connection turns.
     """
 
-    def __init__(self, worker: Worker) -> None:
-        settings = worker.settings
-        assert settings.metrics_port is not None
-        self._worker = worker
-        self._host = settings.metrics_host
-        self._port = settings.metrics_port
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._worker: WorkerView | None = None
         self._durations: dict[str, Durations] = {}
         self._traffic = BrokerTraffic()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(WorkerCollector(worker, self._durations, self._traffic))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -368,11 +310,32 @@ class MetricsServer:
         self._clients: set[asyncio.Task[None]] = set()
         self.address: tuple[str, int] | None = None
 
-    def watch(self, consumer: Consumer) -> None:
-        """Record ``consumer``'s handler durations and running messages from now on."""
-        durations = Durations()
-        self._durations[consumer.spec.queue] = durations
-        consumer.observe(durations.observe)
+    async def around_handler(self, message: Message, call_next: CallNext) -> Any:
+        started = perf_counter()
+        try:
+            return await call_next(message)
+        finally:
+            durations = self._durations.get(message.queue)
+            if durations is not None:
+                durations.observe(perf_counter() - started)
+
+    async def on_worker_start(self, worker: WorkerView) -> None:
+        """Listen (a port in use stops the worker before it connects), and keep each
+        consumer's running messages for the status page."""
+        self._worker = worker
+        for consumer in worker.consumers:
+            consumer.track_running()
+            self._durations[consumer.spec.queue] = Durations()
+        self.registry.register(WorkerCollector(worker, self._durations, self._traffic))
+        await self.start()
+
+    async def on_worker_stop(self, worker: WorkerView) -> None:
+        await self.stop()
+
+    @property
+    def _watched(self) -> WorkerView:
+        assert self._worker is not None, "it serves only from on_worker_start on"
+        return self._worker
 
     async def start(self) -> None:
         """Listen; raises :class:`ConfigurationError` if the address cannot be bound."""
@@ -438,7 +401,7 @@ class MetricsServer:
             method = "GET"
         else:
             method, path, headers = request
-            self._traffic.look(self._worker.connections)
+            self._traffic.look(self._watched.connections)
             if method not in ("GET", "HEAD"):
                 status, content_type, body = 405, _TEXT, b"only GET and HEAD\n"
                 extra["Allow"] = "GET, HEAD"
@@ -447,7 +410,7 @@ class MetricsServer:
             elif path == "/healthz":
                 status, content_type, body = 200, _TEXT, b"ok\n"
             elif path == "/readyz":
-                reason = not_ready_reason(self._worker)
+                reason = not_ready_reason(self._watched)
                 if reason is None:
                     status, content_type, body = 200, _TEXT, b"ready\n"
                 else:
@@ -476,7 +439,7 @@ class MetricsServer:
     def _status(self) -> tuple[int, str, bytes]:
         try:
             document = build_status(
-                self._worker,
+                self._watched,
                 self._durations,
                 self._traffic,
                 started=self._started,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ._alerts import AlertSettings
+from ._alert_settings import AlertSettings
 from ._errors import ConfigurationError
 from ._url import BrokerAddress, mask_url, parse_url
 

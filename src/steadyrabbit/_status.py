@@ -25,9 +25,8 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._consumer import Consumer
-    from ._metrics import BrokerTraffic, Durations
-    from ._worker import Worker
+    from ._measures import BrokerTraffic, Durations
+    from ._view import ConsumerView, WorkerView
 
 __all__ = ["FORMAT", "RECONNECT_CAUSES", "build_status", "not_ready_reason", "status_page"]
 
@@ -40,7 +39,7 @@ RECONNECT_CAUSES = ("closed_by_broker", "connect_failed", "connection_lost", "mi
 MAX_AGES = 20
 
 
-def not_ready_reason(worker: Worker) -> str | None:
+def not_ready_reason(worker: WorkerView) -> str | None:
     """None when the worker is ready (connected, every consumer registered), else why not."""
     if worker.ready:
         return None
@@ -56,7 +55,7 @@ def not_ready_reason(worker: Worker) -> str | None:
 
 
 def build_status(
-    worker: Worker,
+    worker: WorkerView,
     durations: dict[str, Durations],
     traffic: BrokerTraffic,
     *,
@@ -129,7 +128,7 @@ def build_status(
     }
 
 
-def _consumer(consumer: Consumer, recorded: Durations | None, now: float) -> dict[str, Any]:
+def _consumer(consumer: ConsumerView, recorded: Durations | None, now: float) -> dict[str, Any]:
     spec = consumer.spec
     # The messages whose handler runs (kept while metrics are on). A message whose channel
     # closed is still being handled, but the broker has requeued it already: its ack will be

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import random
 from time import monotonic
-from typing import TYPE_CHECKING
 
 from ._amqp import AmqpConnection
 from ._backoff import backoff_delay
@@ -18,11 +17,9 @@ from ._errors import (
     PermanentBrokerError,
     SteadyRabbitError,
 )
+from ._middleware import Hooks
 from ._settings import Settings
 from ._stats import Stats
-
-if TYPE_CHECKING:
-    from ._alerts import Alerter
 
 log = logging.getLogger("steadyrabbit")
 
@@ -37,10 +34,10 @@ class Supervisor:
     """
 
     def __init__(
-        self, settings: Settings, stats: Stats, *, role: str, alerter: Alerter | None = None
+        self, settings: Settings, stats: Stats, *, role: str, hooks: Hooks | None = None
     ) -> None:
         self._settings = settings
-        self._alerter = alerter
+        self._hooks = hooks or Hooks()
         self._stats = stats
         self._role = role
         self._current: AmqpConnection | None = None
@@ -140,6 +137,7 @@ class Supervisor:
             round_failures = 0
             self._current = connection
             self._up.set()
+            self._hooks.on_connected(self._role, address)
             reason = await connection.closed
             self._current = None
             self._up.clear()
@@ -149,8 +147,7 @@ class Supervisor:
                 raise reason
             cause = reason.cause if isinstance(reason, ConnectionLostError) else "unknown"
             self._stats.reconnects[cause] += 1
-            if self._alerter is not None:
-                self._alerter.reconnected(self._role, cause, str(reason))
+            self._hooks.on_reconnecting(self._role, cause, reason)
             host += 1
             delay = self._delay(0)
             log.warning("%s; reconnecting in %.1f s", reason, delay)

@@ -11,12 +11,12 @@ from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ._aio import finish
-from ._alerts import Alerter
 from ._app import App
 from ._consumer import Consumer
 from ._crashguard import CrashGuard
 from ._crashlog import default_state_dir
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
+from ._middleware import Hooks, Middleware
 from ._publisher import Publisher
 from ._settings import Settings
 from ._stats import Stats
@@ -53,7 +53,7 @@ class Worker:
         self._publisher: Publisher | None = None
         self._watchdog: LoopLagWatchdog | None = None
         self._metrics: MetricsServer | None = None
-        self._alerter: Alerter | None = None
+        self._hooks = Hooks()
         self._guard: CrashGuard | None = None
         self._failed: asyncio.Future[SteadyRabbitError] | None = None
         self._stopping = False
@@ -112,33 +112,31 @@ class Worker:
         await asyncio.to_thread(guard.check)
         guard.open()
         self._guard = guard
-        if settings.metrics_port is not None:
-            from ._metrics import MetricsServer  # imports prometheus_client: only when wanted
-
-            metrics = MetricsServer(self)
-            await metrics.start()  # first: a port in use stops the worker before it connects
-            self._metrics = metrics
+        builtin = self._builtin_middleware()
+        app_wide = [*builtin, *self.app.middleware]
+        own = [m for spec in self.app.handlers for m in spec.middleware]
+        everyone = list(dict.fromkeys([*app_wide, *own]))
+        hooks = self._hooks = Hooks(everyone)
         self._failed = loop.create_future()
-        alerter = None
-        if settings.alerts is not None:
-            alerter = self._alerter = Alerter(settings.alerts, settings)
-        consume = Supervisor(settings, self.stats, role="consume", alerter=alerter)
-        publish = Supervisor(settings, self.stats, role="publish", alerter=alerter)
+        consume = Supervisor(settings, self.stats, role="consume", hooks=hooks)
+        publish = Supervisor(settings, self.stats, role="publish", hooks=hooks)
         self._supervisors = [consume, publish]
         self._publisher = Publisher(publish)
         for spec in self.app.handlers:
             if spec.threaded is not None:
                 spec.threaded.open()
+            consumer_hooks = Hooks([*app_wide, *spec.middleware])
             consumer = Consumer(
-                spec, consume, self._publisher, settings, self.stats, guard, alerter=alerter
+                spec, consume, self._publisher, settings, self.stats, guard, consumer_hooks
             )
-            if self._metrics is not None:
-                self._metrics.watch(consumer)
-            if alerter is not None:
-                alerter.watch(consumer)
             self._consumers.append(consumer)
-        if alerter is not None:
-            alerter.start()
+        try:
+            # First: a middleware may refuse the start (a metrics port in use) before any
+            # connection is made.
+            await hooks.on_worker_start(self)
+        except BaseException:
+            await self._close()
+            raise
         self._spawn(consume.run(), "supervisor[consume]")
         self._spawn(publish.run(), "supervisor[publish]")
         for consumer in self._consumers:
@@ -149,7 +147,7 @@ class Worker:
             settings.loop_lag_threshold,
             _handler_codes(self.app),
             self.stats,
-            on_stall=None if alerter is None else alerter.loop_blocked,
+            on_stall=hooks.on_loop_blocked if hooks.loop_blocked else None,
             message_frames=Consumer.handler_frames(),
         )
         self._watchdog.start()
@@ -227,6 +225,22 @@ class Worker:
         await asyncio.gather(*(c.abort() for c in self._consumers))
         await self._close()
 
+    def _builtin_middleware(self) -> list[Middleware]:
+        """``Settings.metrics_port`` and ``Settings.alerts`` as the built-in middleware; their
+        modules (Prometheus, an HTTP server, SMTP) are imported only when wanted."""
+        settings = self.settings
+        builtin: list[Middleware] = []
+        if settings.metrics_port is not None:
+            from ._metrics import MetricsServer
+
+            self._metrics = MetricsServer(settings.metrics_host, settings.metrics_port)
+            builtin.append(self._metrics)
+        if settings.alerts is not None:
+            from ._alerts import Alerter
+
+            builtin.append(Alerter(settings.alerts, settings))
+        return builtin
+
     async def _close(self) -> None:
         for hook in self.app.shutdown_hooks:
             try:
@@ -240,18 +254,14 @@ class Worker:
             self._publisher.close()
         for supervisor in self._supervisors:
             supervisor.close()
-        # Pending alerts go out while the connections close; both are bounded.
-        closing = [finish(self._tasks, _CLOSE_TIMEOUT)]
-        if self._alerter is not None:
-            closing.append(self._alerter.aclose())
-        await asyncio.gather(*closing)
+        # Middleware ends (pending alerts go out, the metrics endpoint stops) while the
+        # connections close; both are bounded.
+        await asyncio.gather(finish(self._tasks, _CLOSE_TIMEOUT), self._hooks.on_worker_stop(self))
         if self._watchdog is not None:
             self._watchdog.stop()
         for spec in self.app.handlers:
             if spec.threaded is not None:
                 spec.threaded.close()
-        if self._metrics is not None:
-            await self._metrics.stop()
         self._closed = True
 
     async def __aenter__(self) -> Worker:

@@ -1,0 +1,228 @@
+"""Middleware: the one extension point, on the real broker, and its dispatch without one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from steadyrabbit import (
+    App,
+    Decision,
+    Message,
+    Middleware,
+    Outcome,
+    Publish,
+    Reject,
+    Retry,
+    RetryPolicy,
+    Settings,
+    Worker,
+)
+from steadyrabbit._middleware import CallNext, Hooks, PublishNext
+from steadyrabbit._url import BrokerAddress
+from steadyrabbit._view import WorkerView
+from tests.conftest import MAIN_URL, Admin
+
+
+def settings() -> Settings:
+    return Settings(urls=(MAIN_URL,), connect_timeout=10.0)
+
+
+class Recorder(Middleware):
+    """Sees every message's decision and the worker's lifecycle; an ``on_settled`` event per
+    message replaces polling the broker."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+        self.settled: list[tuple[bytes, Decision]] = []
+        self.connected: list[str] = []
+        self.changed = asyncio.Event()
+
+    async def around_handler(self, message: Message, call_next: CallNext) -> Any:
+        self.log.append(f"{self.name} before")
+        try:
+            return await call_next(message)
+        finally:
+            self.log.append(f"{self.name} after")
+
+    def on_settled(self, message: Message, decision: Decision) -> None:
+        self.settled.append((message.body, decision))
+        self.changed.set()
+
+    def on_connected(self, role: str, address: BrokerAddress) -> None:
+        self.connected.append(role)
+
+    async def on_worker_start(self, worker: WorkerView) -> None:
+        self.log.append(f"{self.name} start {len(worker.consumers)}")
+
+    async def on_worker_stop(self, worker: WorkerView) -> None:
+        self.log.append(f"{self.name} stop")
+
+    async def settled_count(self, count: int) -> None:
+        while len(self.settled) < count:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 30)
+
+
+def test_a_middleware_sees_every_decision_in_order_around_the_handler(
+    queue_name: str, admin: Admin
+) -> None:
+    """App middleware wraps the consumer's own; before-hooks in list order, after-hooks in
+    reverse; on_settled gets outcome, reason, attempt and target for every message."""
+    admin.declare(queue_name)
+    log: list[str] = []
+    outer, inner, own = Recorder("outer", log), Recorder("inner", log), Recorder("own", log)
+    app = App(middleware=[outer, inner], retry=RetryPolicy(max_attempts=2, delays=(0.05,)))
+
+    @app.consumer(queue_name, middleware=[own])
+    async def handle(message: Message) -> None:
+        log.append(f"handler {message.body.decode()}")
+        if message.body == b"reject":
+            raise Reject("not for us")
+        if message.body == b"retry" and message.attempt == 1:
+            raise Retry("later", delay=0.05)
+        if message.body == b"fail":
+            raise ValueError("broken")
+
+    async def scenario() -> None:
+        async with Worker(app, settings()):
+            await admin.run(admin.publish, queue_name, [b"ok"])
+            await outer.settled_count(1)
+            await admin.run(admin.publish, queue_name, [b"reject", b"retry", b"fail"])
+            await outer.settled_count(6)  # ok, reject, retry x2, fail x2
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.delete(f"{queue_name}.retry.50ms")
+    assert log[:8] == [
+        "outer start 1", "inner start 1", "own start 1",
+        "outer before", "inner before", "own before", "handler ok", "own after",
+    ]
+    assert log[8:10] == ["inner after", "outer after"]
+    assert log[-3:] == ["own stop", "inner stop", "outer stop"]
+    assert sorted(outer.connected) == ["consume", "publish"]
+    decisions = {(body, d.attempt): d for body, d in outer.settled}
+    assert decisions[(b"ok", 1)] == Decision(Outcome.ACK, 1)
+    rejected = decisions[(b"reject", 1)]
+    assert rejected.outcome is Outcome.DEAD_LETTER
+    assert rejected.reason == "not for us"
+    assert rejected.target == f"{queue_name}.dlq"
+    assert decisions[(b"retry", 1)].outcome is Outcome.RETRY
+    assert decisions[(b"retry", 1)].target == f"{queue_name}.retry.50ms"
+    assert decisions[(b"retry", 2)].outcome is Outcome.ACK
+    assert decisions[(b"fail", 2)].reason == "gave up after 2 attempts: ValueError: broken"
+    assert [d for _, d in inner.settled] == [d for _, d in outer.settled]
+
+
+class Broken(Middleware):
+    def on_settled(self, message: Message, decision: Decision) -> None:
+        raise RuntimeError("an observer's bug")
+
+    def on_connected(self, role: str, address: BrokerAddress) -> None:
+        raise RuntimeError("another one")
+
+
+def test_a_failing_observer_is_logged_and_changes_nothing(
+    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.declare(queue_name)
+    log: list[str] = []
+    recorder = Recorder("after", log)
+    app = App(middleware=[Broken(), recorder])
+    app.add_consumer(lambda message: None, queue_name)
+
+    async def scenario() -> None:
+        async with Worker(app, settings()):
+            await admin.run(admin.publish, queue_name, [b"a", b"b"])
+            await recorder.settled_count(2)
+
+    asyncio.run(scenario())
+    assert [d.outcome for _, d in recorder.settled] == [Outcome.ACK, Outcome.ACK]
+    assert admin.counts(queue_name) == (0, 0)
+    failures = [r for r in caplog.records if "middleware Broken failed" in r.getMessage()]
+    assert {r.getMessage().rpartition(" in ")[2] for r in failures} == {
+        "on_settled (ignored)", "on_connected (ignored)",
+    }
+
+
+class Idempotent(Middleware):
+    """Short-circuits messages it has seen: the handler does not run, the message is acked."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+
+    async def around_handler(self, message: Message, call_next: CallNext) -> Any:
+        if message.body in self.seen:
+            return None
+        self.seen.add(message.body)
+        return await call_next(message)
+
+
+class Stamp(Middleware):
+    async def around_publish(self, publish: Publish, call_next: PublishNext) -> None:
+        publish.headers["x-trace"] = f"copy to {publish.queue}"
+        await call_next(publish)
+
+
+def test_around_handler_may_skip_the_handler_and_around_publish_sees_every_copy(
+    queue_name: str, admin: Admin
+) -> None:
+    admin.declare(queue_name)
+    log: list[str] = []
+    recorder = Recorder("r", log)
+    runs: list[bytes] = []
+    app = App(middleware=[recorder, Idempotent(), Stamp()])
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        runs.append(message.body)
+        if message.body == b"bad":
+            raise Reject("bad")
+
+    async def scenario() -> None:
+        async with Worker(app, settings()):
+            await admin.run(admin.publish, queue_name, [b"once", b"once", b"bad"])
+            await recorder.settled_count(3)
+
+    asyncio.run(scenario())
+    assert runs == [b"once", b"bad"]
+    assert [d.outcome for _, d in recorder.settled] == [
+        Outcome.ACK, Outcome.ACK, Outcome.DEAD_LETTER,
+    ]
+    [(props, _body)] = admin.drain(f"{queue_name}.dlq")
+    assert (props.headers or {})["x-trace"] == f"copy to {queue_name}.dlq"
+
+
+class OnlySettled(Middleware):
+    def on_settled(self, message: Message, decision: Decision) -> None:
+        pass
+
+
+def test_dispatch_tables_hold_only_the_overridden_hooks() -> None:
+    """An app without middleware pays nothing: empty tables, and the handler is not wrapped."""
+    empty = Hooks([Middleware()])
+    assert not empty.settled
+    assert not empty.around_handler
+    assert not empty.around_publish
+    assert not empty.loop_blocked
+
+    async def handler(message: Message) -> None:
+        pass
+
+    assert empty.wrap_handler(handler) is handler
+    only = OnlySettled()
+    hooks = Hooks([Middleware(), only])
+    assert hooks.settled == (only,)
+    assert not hooks.around_handler
+    assert hooks.wrap_handler(handler) is handler
+
+
+def test_middleware_must_be_middleware() -> None:
+    from steadyrabbit import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"instances of steadyrabbit\.Middleware"):
+        App(middleware=[object()])  # type: ignore[list-item]
