@@ -1,0 +1,45 @@
+"""The README's middleware example, run as it is against the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+from steadyrabbit import Message, Outcome, Reject, Settings, Worker
+from tests.conftest import MAIN_URL, Admin, eventually
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example() -> dict[str, Any]:
+    text = README.read_text()
+    match = re.search(r"<!-- README example: .*? -->\n```python\n(.*?)```", text, re.DOTALL)
+    assert match is not None, "the README's middleware example is gone"
+    namespace: dict[str, Any] = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_readme_middleware_sees_every_messages_decision(
+    queue_name: str, admin: Admin
+) -> None:
+    example = readme_example()
+    app, audit = example["app"], example["audit"]
+    admin.declare(queue_name)
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        if message.body == b"bad":
+            raise Reject("bad")
+
+    async def scenario() -> None:
+        async with Worker(app, Settings(urls=(MAIN_URL,), connect_timeout=10.0)):
+            await admin.run(admin.publish, queue_name, [b"good", b"bad", b"good"])
+            await eventually(lambda: len(audit.decisions) == 3, what="three decisions")
+
+    asyncio.run(scenario())
+    assert sorted(d.outcome.value for d in audit.decisions) == sorted(
+        [Outcome.ACK.value, Outcome.ACK.value, Outcome.DEAD_LETTER.value]
+    )
