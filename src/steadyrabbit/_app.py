@@ -113,14 +113,14 @@ class _HandlerThreads:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            result = _call_sync(self._fn, message)
+            result = call_sync(self._fn, message)
         except Exception as exc:  # noqa: BLE001 - the handler's failure, for its message
             future.set_exception(exc)
         else:
             future.set_result(result)
 
 
-def _call_sync(fn: SyncHandler, message: Message) -> Any:
+def call_sync(fn: SyncHandler, message: Message) -> Any:
     """``fn(message)``, with SystemExit, KeyboardInterrupt and the like raised by the handler
     turned into a :class:`HandlerExit`, a failure of the message like any other.
 

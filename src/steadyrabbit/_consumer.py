@@ -24,7 +24,7 @@ from ._app import HandlerSpec
 from ._backoff import backoff_delay
 from ._crashguard import CrashGuard
 from ._crashlog import fingerprint
-from ._decision import CrashLoop, Decision, Outcome, decide
+from ._decision import CrashLoop, Decision, Outcome, decide, retry_bucket_ms
 from ._errors import (
     AccessRefusedError,
     ChannelClosedError,
@@ -46,6 +46,7 @@ from ._supervisor import Supervisor
 from ._topology import (
     OwnQueue,
     bind_queue,
+    copy_queue,
     dead_letter_queue,
     declare_own_queue,
     ensure_exchange,
@@ -476,11 +477,8 @@ class Consumer:
         channel = message._channel
         if not channel.is_open:
             return self._settle(message, ack=False)  # counts and logs the stale delivery
-        if decision.outcome is Outcome.RETRY:
-            bucket = self._retry.bucket_ms(decision.delay or 0.0)
-            target = retry_queue(self.spec.queue, bucket, self.spec.queue_type)
-        else:
-            target = self._dead_letter_queue
+        spec = self.spec
+        target = copy_queue(spec.queue, spec.queue_type, retry_bucket_ms(decision, self._retry))
         decision = replace(decision, target=target.name)
         properties = self._copy_properties(message, decision)
         if self._hooks.around_publish:

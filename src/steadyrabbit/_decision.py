@@ -102,6 +102,13 @@ def decide(
     return Decision(outcome, attempt, mask_url(reason)[:_MAX_REASON], error_type, delay)
 
 
+def retry_bucket_ms(decision: Decision, policy: RetryPolicy) -> int | None:
+    """The delay (ms) of the retry queue a retry decision goes to; None for any other."""
+    if decision.outcome is not Outcome.RETRY:
+        return None
+    return policy.bucket_ms(decision.delay or 0.0)
+
+
 def qualified_name(exc: BaseException) -> str:
     kind = type(exc)
     if kind.__module__ == "builtins":

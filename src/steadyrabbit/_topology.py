@@ -178,3 +178,11 @@ async def declare_own_queue(channel: AmqpChannel, queue: OwnQueue) -> None:
         await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
     except ChannelClosedError as exc:
         raise _translate("queue", queue.name, exc) from exc
+
+
+def copy_queue(queue: str, queue_type: str, retry_delay_ms: int | None) -> OwnQueue:
+    """Where a copy of a message of ``queue`` goes: the retry queue of that delay, or (None) the
+    dead-letter queue."""
+    if retry_delay_ms is None:
+        return dead_letter_queue(queue, queue_type)
+    return retry_queue(queue, retry_delay_ms, queue_type)
