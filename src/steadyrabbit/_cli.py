@@ -23,7 +23,6 @@ import click
 from ._app import App
 from ._config import CONFIG_ENV, ENV_PREFIX, Config, env_name, flag, load_config
 from ._demo import demo_command
-from ._doctor import can_encode, diagnose, format_report
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
 from ._ops.dlq import (
     ReplayResult,
@@ -34,6 +33,8 @@ from ._ops.dlq import (
     replay_dead_letters,
     show_dead_letter,
 )
+from ._ops.doctor.gather import diagnose
+from ._ops.doctor.render import can_encode, format_report
 from ._ops.processes import run_worker_pool, watch_pool, without_option
 from ._ops.relay import relay_app
 from ._ops.top import run_top
