@@ -44,6 +44,7 @@ from steadyrabbit import (
     Settings,
     Worker,
 )
+from steadyrabbit._alert_settings import parse_smtp_url
 from steadyrabbit._alerts import (
     CONSUMER_TIMEOUT,
     DEAD_LETTERED,
@@ -56,7 +57,6 @@ from steadyrabbit._alerts import (
     ReconnectCounter,
     _secrets_of,
 )
-from steadyrabbit._alert_settings import parse_smtp_url
 from steadyrabbit._url import scrub
 from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, eventually

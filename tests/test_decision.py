@@ -28,7 +28,7 @@ def test_a_returned_handler_is_acked() -> None:
 def test_reject_dead_letters_with_its_reason_and_cause() -> None:
     try:
         try:
-            {}["id"]
+            {"name": "x"}["id"]
         except KeyError as exc:
             raise Reject("no contract id") from exc
     except Reject as reject:
@@ -108,8 +108,11 @@ def test_any_input_gives_a_consistent_decision(
     policy = RetryPolicy(max_attempts=max_attempts, permanent=(KeyError,))
     decision = decide(error, headers, policy, random=never_random)
     attempts = (headers or {}).get(ATTEMPTS)
-    valid = isinstance(attempts, int) and not isinstance(attempts, bool) and attempts > 0
-    assert decision.attempt == (attempts if valid else 0) + 1
+    recorded = (
+        attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts > 0
+        else 0
+    )
+    assert decision.attempt == recorded + 1
     if error is None:
         assert decision.outcome is Outcome.ACK
         return

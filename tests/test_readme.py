@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from steadyrabbit import Message, Outcome, Reject, Settings, Worker
+from steadyrabbit import App, Message, Outcome, Reject, Settings, Worker
 from tests.conftest import MAIN_URL, Admin, eventually
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -26,7 +26,8 @@ def test_the_readme_middleware_sees_every_messages_decision(
     queue_name: str, admin: Admin
 ) -> None:
     example = readme_example()
-    app, audit = example["app"], example["audit"]
+    app: App = example["app"]
+    audit = example["audit"]
     admin.declare(queue_name)
 
     @app.consumer(queue_name)

@@ -76,7 +76,7 @@ def test_status_json_follows_real_traffic(queue_name: str, admin: Admin) -> None
         "traffic_age_seconds": after["broker_traffic_age_seconds"],
     }
     assert 0 <= after["broker_traffic_age_seconds"] < 60
-    assert after["loop_lag_seconds"] >= 0
+    assert after["loop_lag_seconds"] < 1.0  # a turning loop: below the stall threshold
     totals = after["totals"]
     assert (totals["delivered"], totals["acked"], totals["succeeded"]) == (7, 7, 5)
     assert (totals["retried"], totals["dead_lettered"]) == (1, 1)

@@ -7,6 +7,8 @@ several brokers, and shutdown finishes the work in flight. Failures are retried 
 per-delay retry queues (no broker plugin) and end in ``<queue>.dlq``, and so do crash loops.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._alert_settings import AlertSettings
 from ._app import App, HandlerSpec
 from ._decision import Decision, Outcome, decide
@@ -37,12 +39,25 @@ from ._ops.dlq import (
     purge_dead_letters,
     replay_dead_letters,
 )
-from ._ops.relay import relay_app
 from ._retry import RetryPolicy
 from ._settings import Settings
 from ._stats import Stats
 from ._url import BrokerAddress, mask_url, parse_url
 from ._worker import Worker, run, serve
+
+if TYPE_CHECKING:
+    from ._ops.relay import relay_app
+
+
+def __getattr__(name: str) -> Any:
+    # The relay needs httpx, which loads its own command line (click, rich): only on demand.
+    if name == "relay_app":
+        from ._ops.relay import relay_app
+
+        relay_app.__module__ = __name__
+        return relay_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AccessRefusedError",
@@ -86,3 +101,10 @@ __all__ = [
     "run",
     "serve",
 ]
+
+# Public names say they are steadyrabbit's (tracebacks, documentation), not a private module's.
+for _name in __all__:
+    _value = globals().get(_name)
+    if isinstance(_value, type) or callable(_value):
+        _value.__module__ = __name__
+del _name, _value
