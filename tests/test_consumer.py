@@ -520,3 +520,36 @@ def test_abort_starts_no_prefetched_message(queue_name: str, admin: Admin) -> No
     asyncio.run(scenario())
     assert started == [b"1"]
     assert admin.counts(queue_name) == (3, 0)
+
+
+def test_a_handler_reads_steadyrabbits_own_properties_not_pikas(
+    queue_name: str, admin: Admin
+) -> None:
+    """Issue 9.4: the public Message exposes steadyrabbit's Properties value."""
+    from steadyrabbit import Properties
+
+    admin.declare(queue_name)
+    app = App()
+    seen: list[Properties] = []
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        seen.append(message.properties)
+
+    sent = pika.BasicProperties(
+        delivery_mode=2, content_type="application/json", correlation_id="c-1", priority=3,
+        headers={"x-user": "kept"}, timestamp=1_700_000_000, app_id="billing",
+    )
+
+    async def scenario() -> None:
+        async with Worker(app, settings()) as worker:
+            await admin.run(admin.publish, queue_name, [b"{}"], properties=sent)
+            await eventually(lambda: worker.stats.acked == 1, what="the ack")
+
+    asyncio.run(scenario())
+    [properties] = seen
+    assert type(properties) is Properties
+    assert properties == Properties(
+        content_type="application/json", headers={"x-user": "kept"}, delivery_mode=2,
+        priority=3, correlation_id="c-1", timestamp=1_700_000_000, app_id="billing",
+    )

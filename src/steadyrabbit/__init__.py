@@ -29,7 +29,7 @@ from ._errors import (
     SteadyRabbitError,
     TopologyConflictError,
 )
-from ._message import Message
+from ._message import Message, Properties
 from ._middleware import Middleware, Publish
 from ._ops.dlq import (
     DeadLetter,
@@ -80,6 +80,7 @@ __all__ = [
     "Middleware",
     "Outcome",
     "PermanentBrokerError",
+    "Properties",
     "Publish",
     "PublishRefusedError",
     "Reject",

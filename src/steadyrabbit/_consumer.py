@@ -37,7 +37,7 @@ from ._errors import (
     SteadyRabbitError,
     is_consumer_timeout,
 )
-from ._message import Message, persistent_copy
+from ._message import Message, amqp_properties, delivery_channel, persistent_copy
 from ._middleware import Hooks, Publish
 from ._publisher import Publisher
 from ._settings import Settings
@@ -247,7 +247,7 @@ class Consumer:
         self._consumer_tag = None
         self._hooks.on_channel_lost(self.spec.queue, reason)
         # Deliveries of a closed channel are requeued by the broker: forget the unstarted ones.
-        self._waiting = deque(m for m in self._waiting if m._channel is not channel)
+        self._waiting = deque(m for m in self._waiting if delivery_channel(m) is not channel)
         if isinstance(reason, ChannelClosedError):
             self._stats.channel_recoveries += 1
             if is_consumer_timeout(reason):
@@ -369,7 +369,8 @@ class Consumer:
                 unfinished = await guard.unfinished(key)
             starts = (unfinished or 0) + 1  # the first delivery was never recorded
             if starts >= self._retry.max_deliveries:
-                crash_loop = decide(CrashLoop(starts), message.properties.headers, self._retry)
+                headers = amqp_properties(message).headers
+                crash_loop = decide(CrashLoop(starts), headers, self._retry)
                 if await self._send_copy(message, crash_loop):
                     await guard.forget(key)
                 return
@@ -404,10 +405,10 @@ class Consumer:
             return False
         if error is None:
             if self._settle(message, ack=True) and self._hooks.settled:
-                acked = decide(None, message.properties.headers, self._retry)
+                acked = decide(None, amqp_properties(message).headers, self._retry)
                 self._hooks.on_settled(message, acked)
             return True
-        await self._send_copy(message, decide(error, message.properties.headers, self._retry))
+        await self._send_copy(message, decide(error, amqp_properties(message).headers, self._retry))
         return True
 
     async def _survived_stall(self, message: Message) -> bool:
@@ -417,7 +418,7 @@ class Consumer:
         the loop reads the socket again. Settling at once would count an ack that never
         reaches the broker as a success and forget the start that killed the connection.
         """
-        channel = message._channel
+        channel = delivery_channel(message)
         heartbeat = channel.connection.negotiated_heartbeat
         if not channel.closed.done():
             if heartbeat == 0 or message.blocked_loop < heartbeat:
@@ -443,7 +444,7 @@ class Consumer:
         Delivery tags belong to their channel: after that channel closed, the broker has
         requeued the delivery, and the same tag on another channel would ack another message.
         """
-        channel = message._channel
+        channel = delivery_channel(message)
         if not channel.closed.done():  # the cheapest liveness test: a C call
             try:
                 if ack:
@@ -474,7 +475,7 @@ class Consumer:
         retry copy the broker refuses becomes a dead letter; a refused dead letter stops the
         worker. True once the original is acked.
         """
-        channel = message._channel
+        channel = delivery_channel(message)
         if not channel.is_open:
             return self._settle(message, ack=False)  # counts and logs the stale delivery
         spec = self.spec
@@ -501,7 +502,7 @@ class Consumer:
     def _copy_properties(
         self, message: Message, decision: Decision
     ) -> pika.spec.BasicProperties:
-        old = message.properties.headers or {}
+        old = amqp_properties(message).headers or {}
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         copy_headers = _headers.without_ours(old)
         copy_headers.update(
@@ -516,7 +517,7 @@ class Consumer:
                 _headers.ROUTING_KEY: message.routing_key,
             }
         )
-        return persistent_copy(message.properties, copy_headers)
+        return persistent_copy(amqp_properties(message), copy_headers)
 
     async def _settle_by_copy(
         self, message: Message, key: str | None, copy: _CopyInFlight
@@ -527,7 +528,7 @@ class Consumer:
         kept for the redelivery; if the broker refused the copy, the message is dead-lettered
         (a refused retry) or the worker stops (a refused dead letter). True once acked.
         """
-        channel = message._channel
+        channel = delivery_channel(message)
         publish = copy.publish
         if not publish.done():
             channel_closed = asyncio.shield(channel.closed)
@@ -683,9 +684,9 @@ class Consumer:
         channel arrived: the one nearest to the broker's ``consumer_timeout``. None if there
         is none. Messages being processed count only once :meth:`track_running` was called.
         """
-        oldest = next((m.received_at for m in self._waiting if not m._channel.closed.done()), None)
+        oldest = next((m.received_at for m in self._waiting if m.settleable), None)
         for message in self._processing or ():
-            if not message._channel.closed.done() and (
+            if message.settleable and (
                 oldest is None or message.received_at < oldest
             ):
                 oldest = message.received_at

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,26 @@ from . import _headers
 
 if TYPE_CHECKING:
     from ._amqp import AmqpChannel
+
+
+@dataclass(frozen=True, slots=True)
+class Properties:
+    """A message's AMQP 0-9-1 basic properties. ``headers`` is a copy; ``timestamp`` is in
+    seconds since the epoch, as AMQP carries it."""
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    delivery_mode: int | None = None
+    priority: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    expiration: str | None = None
+    message_id: str | None = None
+    timestamp: int | None = None
+    type: str | None = None
+    user_id: str | None = None
+    app_id: str | None = None
 
 
 class Message:
@@ -80,8 +101,30 @@ class Message:
         return _headers.attempts(self._properties.headers) + 1
 
     @property
-    def properties(self) -> pika.spec.BasicProperties:
-        return self._properties
+    def properties(self) -> Properties:
+        """The message's AMQP properties, as steadyrabbit's own value (built when asked)."""
+        props = self._properties
+        return Properties(
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            headers=self.headers,
+            delivery_mode=props.delivery_mode,
+            priority=props.priority,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            expiration=props.expiration,
+            message_id=props.message_id,
+            timestamp=props.timestamp,
+            type=props.type,
+            user_id=props.user_id,
+            app_id=props.app_id,
+        )
+
+    @property
+    def settleable(self) -> bool:
+        """Whether the channel that delivered the message is still open: only then can it be
+        acked (after that, the broker has requeued it)."""
+        return not self._channel.closed.done()
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -104,6 +147,16 @@ class Message:
             f"<Message queue={self.queue!r} tag={self.delivery_tag} "
             f"routing_key={self.routing_key!r} bytes={len(self.body)}>"
         )
+
+
+def delivery_channel(message: Message) -> AmqpChannel:
+    """The channel that delivered ``message``: its settlement goes there and nowhere else."""
+    return message._channel
+
+
+def amqp_properties(message: Message) -> pika.spec.BasicProperties:
+    """The properties as they came off the wire, for the copies the consumer makes."""
+    return message._properties
 
 
 def _text(value: object) -> str:

@@ -137,7 +137,7 @@ def _consumer(consumer: ConsumerView, recorded: Durations | None, now: float) ->
         (
             now - message.received_at
             for message, _started in consumer.running()
-            if not message._channel.closed.done()
+            if message.settleable
         ),
         reverse=True,
     )
