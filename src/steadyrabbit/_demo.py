@@ -4,10 +4,11 @@ It publishes a backlog of JSON "contracts" (the first incident's shape: a durabl
 a durable queue bound with a routing key), starts a local web service that is slow and fails
 now and then, and relays the queue to it with :func:`relay_app` in this process, showing the
 worker's live view. A third of the way through it resets the worker's connections (RST, the
-incident's ``ConnectionResetError(104)``) through a small TCP proxy of its own, so no root or
-``rabbitmqctl`` is needed. Then it waits until every message is settled, stops the worker
-gracefully and accounts for every message from the service's record, the worker's counters
-and the broker's queues: delivered, retried, dead-lettered, reconnects, duplicates, lost.
+incident's ``ConnectionResetError(104)``) through :class:`steadyrabbit.testing.FaultProxy`, so
+no root or ``rabbitmqctl`` is needed. Then it waits until every message is settled, stops the
+worker gracefully and accounts for every message from the service's record, the worker's
+counters and the broker's queues: delivered, retried, dead-lettered, reconnects, duplicates,
+lost.
 
 The demo owns its queue, the queue's retry and dead-letter queues and its exchange: it deletes
 them before it starts (leftovers of an interrupted run cannot skew it) and, unless asked to keep
@@ -22,8 +23,6 @@ import io
 import json
 import random
 import secrets
-import socket
-import struct
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +49,7 @@ from ._settings import Settings
 from ._topology import bind_queue, ensure_exchange, ensure_queue
 from ._url import BrokerAddress
 from ._worker import Worker
+from .testing import FaultProxy
 
 __all__ = [
     "DEFAULT_EXCHANGE",
@@ -92,7 +92,6 @@ PIPED_STATUS_INTERVAL = 5.0
 #: How often the broker is asked whether the dead letters have arrived, once the service has
 #: accepted everything else (only the broker knows).
 _SETTLE_CHECK_INTERVAL = 0.2
-_PROXY_BUFFER = 65536
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -352,84 +351,6 @@ class _Service:
         return sum(1 for count in self.accepted.values() if count > 1)
 
 
-# -- the connection-cutting proxy --------------------------------------------------------------
-
-
-class _ResetProxy:
-    """A TCP proxy on 127.0.0.1 in front of the broker. :meth:`cut` resets every proxied
-    connection (SO_LINGER 0, so the worker reads ``ECONNRESET``, not a clean close) and keeps
-    listening, so the worker can reconnect through it."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._server: asyncio.Server | None = None
-        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._connections: set[asyncio.Task[None]] = set()
-        self.connected = asyncio.Event()  # a connection came in (cleared by cut)
-        self.port = 0
-
-    async def __aenter__(self) -> _ResetProxy:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for client, broker in self._pairs:
-            client.close()
-            broker.close()
-        if self._connections:
-            await asyncio.wait(self._connections)
-        await self._server.wait_closed()  # after the connections: see _Service.__aexit__
-
-    def cut(self) -> int:
-        """Reset every proxied connection at once; return how many were cut."""
-        self.connected.clear()
-        pairs = list(self._pairs)
-        for client, broker in pairs:
-            for writer in (client, broker):
-                sock = writer.get_extra_info("socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                        )
-                writer.transport.abort()
-        return len(pairs)
-
-    async def _client(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
-        try:
-            broker_r, broker_w = await asyncio.open_connection(*self._target)
-        except OSError:
-            client_w.transport.abort()  # the worker sees the broker as unreachable: it retries
-            return
-        pair = (client_w, broker_w)
-        self._pairs.add(pair)
-        self.connected.set()
-        try:
-            await asyncio.gather(_pump(client_r, broker_w), _pump(broker_r, client_w))
-        finally:
-            self._pairs.discard(pair)
-            client_w.close()
-            broker_w.close()
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(_PROXY_BUFFER):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass  # reset (by cut, or by a peer): the other direction ends with it
-    finally:
-        writer.close()
-
-
 # -- the demo ----------------------------------------------------------------------------------
 
 
@@ -539,7 +460,7 @@ async def run_demo(
     )
     async with (
         service,
-        _ResetProxy(address.host, address.port) as proxy,
+        FaultProxy((address.host, address.port)) as proxy,
         first_connection(
             settings.addresses,
             heartbeat=settings.heartbeat,
@@ -693,7 +614,7 @@ async def _relay_until_settled(
     *,
     worker: Worker,
     service: _Service,
-    proxy: _ResetProxy,
+    proxy: FaultProxy,
     broker: _Broker,
     say: _Timeline,
     out: TextIO,
@@ -712,14 +633,15 @@ async def _relay_until_settled(
     async def cut() -> None:
         await service.cut_point.wait()
         running = service.in_flight
-        sockets = proxy.cut()
+        accepted = len(proxy.connections)
+        sockets = proxy.reset()
         cuts.append(sockets)
         cut_at = monotonic()
         say(
             f"CUT: reset {sockets} connections to the broker (SO_LINGER 0: the worker reads "
             f"ConnectionResetError(104)) with {running} request(s) in flight"
         )
-        await proxy.connected.wait()
+        await proxy.wait_for_connection(accepted)  # the first reconnection
         await asyncio.gather(*(c.ready.wait() for c in worker.consumers))
         say(
             f"BACK: reconnected after {monotonic() - cut_at:.1f} s and consuming again; the "

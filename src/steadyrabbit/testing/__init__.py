@@ -3,18 +3,26 @@
 * :func:`run_handler` / :func:`run_handler_sync`: run a handler on one message without a
   broker and get its :class:`~steadyrabbit.Decision` (ack, retry into which queue, dead letter
   with which reason), in milliseconds.
+* :class:`FaultProxy`: a TCP proxy between a client and a broker that resets, stalls,
+  black-holes, delays or cuts connections on demand (one, or all of them).
 * :func:`start_node` / :class:`BrokerNode`: a private, throw-away RabbitMQ node with its own
   settings (``consumer_timeout``, plugins...), next to the machine's broker, without root.
+* ``steadyrabbit.testing.pytest_plugin``: pytest fixtures for both (opt in with
+  ``pytest_plugins = ["steadyrabbit.testing.pytest_plugin"]`` in your ``conftest.py``).
 
 Importing this package imports no pytest (the plugin module alone does), and
 ``import steadyrabbit`` does not import it.
 """
 
 from ._node import BrokerNode, find_rabbitmq_bin, start_node
+from ._proxy import Direction, FaultProxy, ProxiedConnection
 from ._stub import run_handler, run_handler_sync
 
 __all__ = [
     "BrokerNode",
+    "Direction",
+    "FaultProxy",
+    "ProxiedConnection",
     "find_rabbitmq_bin",
     "run_handler",
     "run_handler_sync",
