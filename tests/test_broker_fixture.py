@@ -17,6 +17,7 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from steadyrabbit.testing import find_rabbitmq_bin
 from tests._broker import BrokerNode, main_broker_ctl, start_node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,10 +164,9 @@ def test_failed_start_raises_with_the_log(tmp_path: Path) -> None:
 
 @pytest.mark.private_node
 def test_stop_is_idempotent_and_leaves_nothing(tmp_path: Path) -> None:
-    n = start_node(tmp_path)
-    pid, port = n.pid, n.port
-    assert pid is not None
-    n.stop()
+    with start_node(tmp_path) as n:  # leaving the block stops it
+        pid, port = n.pid, n.port
+        assert pid is not None
     n.stop()
     assert n.pid is None
     assert not n.is_running()
@@ -176,6 +176,12 @@ def test_stop_is_idempotent_and_leaves_nothing(tmp_path: Path) -> None:
     assert n.nodename.split("@")[0] not in epmd.stdout
     with pytest.raises(RuntimeError, match="not running"):
         n.wait_ready(timeout=1)
+
+
+def test_the_machines_rabbitmq_is_found_and_a_wrong_one_refused(tmp_path: Path) -> None:
+    assert find_rabbitmq_bin() == Path("/usr/lib/rabbitmq/bin")  # Debian's package
+    with pytest.raises(FileNotFoundError, match=r"no rabbitmq-server in .*: rabbitmq_bin is"):
+        start_node(tmp_path, rabbitmq_bin=tmp_path)
 
 
 _ORPHAN_SCRIPT = """

@@ -421,6 +421,12 @@ def start_node(
         if not _PLUGIN_RE.match(p):
             raise ValueError(f"bad plugin name {p!r}")
     bin_dir = find_rabbitmq_bin() if rabbitmq_bin is None else Path(rabbitmq_bin)
+    for script in ("rabbitmq-server", "rabbitmqctl"):
+        if not (bin_dir / script).is_file():
+            raise FileNotFoundError(
+                f"no {script} in {bin_dir}: rabbitmq_bin is the directory of RabbitMQ's scripts "
+                f"(Debian: {DEBIAN_RABBITMQ_BIN})"
+            )
     base_dir = Path(base_dir)
     base_dir.mkdir(parents=True, exist_ok=True)
     attempts = 3
