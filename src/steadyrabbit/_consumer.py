@@ -7,8 +7,6 @@ import contextlib
 import logging
 import random
 from collections import deque
-from dataclasses import replace
-from datetime import UTC, datetime
 from functools import partial
 from time import monotonic
 from types import CodeType
@@ -17,36 +15,31 @@ from typing import Any
 import pika.exceptions
 import pika.spec
 
-from . import _headers
-from ._aio import finish
 from ._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection
 from ._app import HandlerSpec
 from ._backoff import backoff_delay
 from ._crashguard import CrashGuard
 from ._crashlog import fingerprint
-from ._decision import CrashLoop, Decision, Outcome, decide, retry_bucket_ms
+from ._decision import CrashLoop, decide
 from ._errors import (
     AccessRefusedError,
     ChannelClosedError,
     ClosedByUserError,
     ConnectionLostError,
-    PermanentBrokerError,
-    PublishRefusedError,
     Reject,
     Retry,
     SteadyRabbitError,
     is_consumer_timeout,
 )
-from ._message import Message, amqp_properties, delivery_channel, persistent_copy
-from ._middleware import Hooks, Publish
+from ._message import Message, amqp_properties, delivery_channel
+from ._middleware import Hooks
 from ._publisher import Publisher
 from ._settings import Settings
+from ._settle import Settlement
 from ._stats import QueueCounts, Stats
 from ._supervisor import Supervisor
 from ._topology import (
-    OwnQueue,
     bind_queue,
-    copy_queue,
     dead_letter_queue,
     declare_own_queue,
     ensure_exchange,
@@ -118,13 +111,9 @@ class Consumer:
         self._vhost = settings.addresses[0].vhost
         self._guard = guard
         guard.watch(self)
-        # Copies whose original's channel died before the broker confirmed them, by message
-        # fingerprint: the redelivered original settles by that copy instead of a new one.
-        self._copies: dict[str, _CopyInFlight] = {}
-        # Messages with a message_id whose copy was confirmed and whose original was acked, by
-        # fingerprint, for a few minutes: if that ack died with its connection, the redelivery
-        # is acked by the copy instead of running (and being copied) a second time.
-        self._acked_copies: dict[str, float] = {}
+        self._settlement = Settlement(
+            spec, publisher, hooks, self.counts, stats, self._fatal, self._vhost, self._aged_after
+        )
         # The messages between start and settlement, and when each started; kept only with
         # an observer asked for them (track_running).
         self._processing: dict[Message, float] | None = None
@@ -283,7 +272,7 @@ class Consumer:
         message = Message(channel, method, properties, body, self._queue)
         self.counts.delivered += 1
         if self._refusing:
-            self._requeue(message)
+            self._settlement.requeue(message)
             self._stats.requeued_unstarted += 1
         elif self._running < self._concurrency and not self._guard.closed:
             self._start(message)
@@ -339,18 +328,7 @@ class Consumer:
         that has an unfinished start runs solo (see :mod:`._crashguard`).
         """
         key = fingerprint(message, self._vhost)
-        copy = self._copies.pop(key, None)
-        if copy is not None:
-            await self._settle_by_copy(message, key, copy)
-            return
-        if self._acked_copies.pop(key, None) is not None:
-            if self._settle(message, ack=True):
-                self.counts.resettled += 1
-                log.info(
-                    "acked %r without running it: its copy was confirmed and its ack was lost "
-                    "with the connection",
-                    message,
-                )
+        if await self._settlement.settle_redelivery(message, key):
             return
         guard = self._guard
         unfinished = await guard.unfinished(key)
@@ -360,7 +338,7 @@ class Consumer:
         solo = False
         if unfinished:
             if not await guard.solo(self._aged_after, self._stopping):
-                self._requeue(message)  # never started: no record, no blame
+                self._settlement.requeue(message)  # never started: no record, no blame
                 self._stats.requeued_unstarted += 1
                 return
             solo = True
@@ -371,7 +349,7 @@ class Consumer:
             if starts >= self._retry.max_deliveries:
                 headers = amqp_properties(message).headers
                 crash_loop = decide(CrashLoop(starts), headers, self._retry)
-                if await self._send_copy(message, crash_loop):
+                if await self._settlement.carry_out(message, crash_loop):
                     await guard.forget(key)
                 return
             await guard.record_start(key)
@@ -404,11 +382,12 @@ class Consumer:
         if message.blocked_loop and not await self._survived_stall(message):
             return False
         if error is None:
-            if self._settle(message, ack=True) and self._hooks.settled:
+            if self._settlement.settle(message, ack=True) and self._hooks.settled:
                 acked = decide(None, amqp_properties(message).headers, self._retry)
                 self._hooks.on_settled(message, acked)
             return True
-        await self._send_copy(message, decide(error, amqp_properties(message).headers, self._retry))
+        decision = decide(error, amqp_properties(message).headers, self._retry)
+        await self._settlement.carry_out(message, decision)
         return True
 
     async def _survived_stall(self, message: Message) -> bool:
@@ -438,194 +417,6 @@ class Consumer:
         )
         return False
 
-    def _settle(self, message: Message, *, ack: bool, requeue: bool = False) -> bool:
-        """Ack (or nack) on the channel that delivered the message, if it is still alive.
-
-        Delivery tags belong to their channel: after that channel closed, the broker has
-        requeued the delivery, and the same tag on another channel would ack another message.
-        """
-        channel = delivery_channel(message)
-        if not channel.closed.done():  # the cheapest liveness test: a C call
-            try:
-                if ack:
-                    channel.ack(message.delivery_tag)
-                    self.counts.acked += 1
-                else:
-                    channel.nack(message.delivery_tag, requeue=requeue)
-            except (pika.exceptions.AMQPError, ConnectionLostError):
-                pass  # the channel died under us: the same as finding it closed
-            else:
-                return True
-        self._stats.stale_settlements_dropped += 1
-        log.info(
-            "dropped the %s of %r: its channel is gone and the broker has requeued it",
-            "ack" if ack else "nack",
-            message,
-        )
-        return False
-
-    def _requeue(self, message: Message) -> None:
-        self._settle(message, ack=False, requeue=True)
-
-    async def _send_copy(self, message: Message, decision: Decision) -> bool:
-        """Retry or dead-letter: publish a copy, wait for the broker's confirm, then ack.
-
-        The message is never in zero places. If the delivering channel dies first, the copy
-        goes on without it and the redelivered original settles by it (no second copy). A
-        retry copy the broker refuses becomes a dead letter; a refused dead letter stops the
-        worker. True once the original is acked.
-        """
-        channel = delivery_channel(message)
-        if not channel.is_open:
-            return self._settle(message, ack=False)  # counts and logs the stale delivery
-        spec = self.spec
-        target = copy_queue(spec.queue, spec.queue_type, retry_bucket_ms(decision, self._retry))
-        decision = replace(decision, target=target.name)
-        properties = self._copy_properties(message, decision)
-        if self._hooks.around_publish:
-            publishing = self._publish_through_middleware(target, message, properties)
-        else:
-            publishing = self._publisher.publish_to_queue(target, message.body, properties)
-        publish = asyncio.ensure_future(publishing)
-        return await self._settle_by_copy(message, None, _CopyInFlight(decision, publish))
-
-    async def _publish_through_middleware(
-        self, target: OwnQueue, message: Message, properties: pika.spec.BasicProperties
-    ) -> None:
-        async def publish(copy: Publish) -> None:
-            properties.headers = copy.headers
-            await self._publisher.publish_to_queue(target, copy.body, properties)
-
-        copy = Publish(target.name, message.body, dict(properties.headers or {}))
-        await self._hooks.wrap_publish(publish)(copy)
-
-    def _copy_properties(
-        self, message: Message, decision: Decision
-    ) -> pika.spec.BasicProperties:
-        old = amqp_properties(message).headers or {}
-        now = datetime.now(UTC).isoformat(timespec="milliseconds")
-        copy_headers = _headers.without_ours(old)
-        copy_headers.update(
-            {
-                _headers.ATTEMPTS: decision.attempt,
-                _headers.FIRST_FAILED_AT: old.get(_headers.FIRST_FAILED_AT, now),
-                _headers.FAILED_AT: now,
-                _headers.REASON: decision.reason,
-                _headers.EXCEPTION: decision.error_type,
-                _headers.QUEUE: self.spec.queue,
-                _headers.EXCHANGE: message.exchange,
-                _headers.ROUTING_KEY: message.routing_key,
-            }
-        )
-        return persistent_copy(amqp_properties(message), copy_headers)
-
-    async def _settle_by_copy(
-        self, message: Message, key: str | None, copy: _CopyInFlight
-    ) -> bool:
-        """Wait for ``copy`` (of this message) to be confirmed, then ack ``message``.
-
-        ``key`` is the message's fingerprint when known. If the channel dies first, the copy is
-        kept for the redelivery; if the broker refused the copy, the message is dead-lettered
-        (a refused retry) or the worker stops (a refused dead letter). True once acked.
-        """
-        channel = delivery_channel(message)
-        publish = copy.publish
-        if not publish.done():
-            channel_closed = asyncio.shield(channel.closed)
-            racers: set[asyncio.Future[Any]] = {publish, channel_closed}
-            try:
-                await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                channel_closed.cancel()
-        if publish.done():
-            error = None if publish.cancelled() else publish.exception()
-            if isinstance(error, PublishRefusedError):
-                return await self._copy_refused(message, copy, error)
-            if isinstance(error, PermanentBrokerError):
-                log.error("could not copy %r to %r: %s", message, copy.decision.target, error)
-                if not self._fatal.done():
-                    self._fatal.set_result(error)
-                return False
-            if error is not None:
-                raise error
-            if publish.cancelled():
-                return self._settle(message, ack=False)  # the worker is closing
-        if not publish.done() or not self._settle(message, ack=True):
-            # The original is back in the queue; the copy (landed or still on its way) stands
-            # for it: its redelivery is acked by this copy, not copied again.
-            self._keep_copy(key or fingerprint(message, self._vhost), copy)
-            return False
-        self._copy_done(message, copy)
-        if message.message_id:
-            # Only an id says for sure that a redelivery is this message, not its twin.
-            self._remember_acked_copy(key or fingerprint(message, self._vhost))
-        return True
-
-    def _copy_done(self, message: Message, copy: _CopyInFlight) -> None:
-        decision = copy.decision
-        if decision.outcome is Outcome.RETRY:
-            self.counts.retried += 1
-            log.info("retrying %r via %r (%s)", message, decision.target, decision.reason)
-        else:
-            self.counts.dead_lettered += 1
-            log.warning("dead-lettered %r to %r: %s", message, decision.target, decision.reason)
-        if self._hooks.settled:
-            self._hooks.on_settled(message, decision)
-
-    def _keep_copy(self, key: str, copy: _CopyInFlight) -> None:
-        # Bounded: a copy nobody claimed within two consumer_timeouts belongs to an original
-        # that went elsewhere (another worker took the redelivery). Oldest first, by insertion.
-        now = monotonic()
-        copies = self._copies
-        while copies:
-            oldest = next(iter(copies))
-            if copies[oldest].kept_at + 4 * self._aged_after >= now:
-                break
-            abandoned = copies.pop(oldest).publish
-            abandoned.cancel()  # its original was settled elsewhere: nothing waits for it
-            abandoned.add_done_callback(_retrieve)
-        copy.kept_at = now
-        copies.pop(key, None)
-        copies[key] = copy
-
-    def _remember_acked_copy(self, key: str) -> None:
-        remembered = self._acked_copies
-        now = monotonic()
-        while remembered:
-            oldest = next(iter(remembered))
-            if remembered[oldest] + _LOST_ACK_WINDOW >= now and len(remembered) < _LOST_ACK_KEYS:
-                break
-            del remembered[oldest]
-        remembered.pop(key, None)
-        remembered[key] = now
-
-    async def _copy_refused(
-        self, message: Message, copy: _CopyInFlight, error: PublishRefusedError
-    ) -> bool:
-        refused = copy.decision
-        if refused.outcome is Outcome.RETRY:
-            log.warning(
-                "the broker refused the retry copy of %r to %r (%s); dead-lettering it instead",
-                message,
-                refused.target,
-                error,
-            )
-            reason = f"{refused.reason} (the retry copy to {refused.target} was refused: {error})"
-            return await self._send_copy(
-                message,
-                replace(refused, outcome=Outcome.DEAD_LETTER, reason=reason, delay=None),
-            )
-        stop = PublishRefusedError(
-            f"the broker refused the dead letter of a message of {self.spec.queue!r} to "
-            f"{refused.target!r} ({error}): check that queue's policies (a max-length with "
-            "reject-publish?) and the user's write permission; the message stays in its queue",
-            reply_code=error.reply_code,
-        )
-        log.error("%s", stop)
-        if not self._fatal.done():
-            self._fatal.set_result(stop)
-        return False
-
     # -- prefetched messages that wait too long ------------------------------------------------
 
     def _arm_aged_timer(self) -> None:
@@ -639,7 +430,7 @@ class Consumer:
         limit = monotonic() - self._aged_after
         while self._waiting and self._waiting[0].received_at <= limit:
             message = self._waiting.popleft()
-            self._requeue(message)
+            self._settlement.requeue(message)
             self._stats.requeued_aged += 1
             log.warning(
                 "returned %r to the queue unstarted: it waited %.0f s in prefetch, near the "
@@ -702,7 +493,7 @@ class Consumer:
             self._aged_timer.cancel()
             self._aged_timer = None
         while self._waiting:
-            self._requeue(self._waiting.popleft())
+            self._settlement.requeue(self._waiting.popleft())
             self._stats.requeued_unstarted += 1
 
     async def _unsubscribe(self) -> None:
@@ -738,30 +529,4 @@ class Consumer:
         """Close the channel; copies still on their way get a moment to be confirmed."""
         if self._channel is not None:
             self._channel.close()
-        copies = [c.publish for c in self._copies.values()]
-        self._copies.clear()
-        await finish(copies, _CLOSE_PATIENCE)
-
-
-_CLOSE_PATIENCE = 5.0
-# A redelivery after an ack lost with its connection comes once the broker noticed the loss
-# (two heartbeats) and the worker reconnected: well within this. Entries kept at most.
-_LOST_ACK_WINDOW = 300.0
-_LOST_ACK_KEYS = 10_000
-
-
-class _CopyInFlight:
-    """A retry or dead-letter copy being published for a message, and the decision it carries
-    out (its ``target`` set)."""
-
-    __slots__ = ("decision", "kept_at", "publish")
-
-    def __init__(self, decision: Decision, publish: asyncio.Future[None]) -> None:
-        self.decision = decision
-        self.publish = publish
-        self.kept_at = 0.0
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
+        await self._settlement.close()
