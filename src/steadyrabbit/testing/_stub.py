@@ -1,0 +1,100 @@
+"""Run a handler on one message without a broker, and get back what would become of it.
+
+The handler runs as a worker would run it: the body decoded as the consumer asks, inside the
+app's and the consumer's ``around_handler`` middleware, a sync handler in a thread; its error
+(or none) goes through the same :func:`steadyrabbit.decide` the worker uses. Nothing is sent
+anywhere: the :class:`~steadyrabbit.Decision` says what the worker would do (ack, retry after a
+delay into which queue, dead-letter with which reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import pika
+import pika.spec
+
+from .._app import App, HandlerSpec, call_sync
+from .._decision import Decision, decide, retry_bucket_ms
+from .._errors import ConfigurationError, Reject
+from .._message import Message
+from .._middleware import Hooks
+from .._topology import copy_queue
+
+__all__ = ["run_handler", "run_handler_sync"]
+
+
+async def run_handler(
+    app: App,
+    queue: str,
+    body: bytes,
+    *,
+    headers: Mapping[str, Any] | None = None,
+    content_type: str | None = None,
+    message_id: str | None = None,
+    exchange: str = "",
+    routing_key: str | None = None,
+    redelivered: bool = False,
+) -> Decision:
+    """Run the handler ``app`` registered for ``queue`` on a message with ``body``; return its
+    :class:`~steadyrabbit.Decision` (with ``target`` set for a retry or a dead letter).
+
+    ``headers`` may carry ``x-steadyrabbit-attempts`` to stand for a retried message.
+    """
+    spec = _spec(app, queue)
+    properties = pika.spec.BasicProperties(
+        headers=dict(headers) if headers is not None else None,
+        content_type=content_type,
+        message_id=message_id,
+    )
+    deliver = pika.spec.Basic.Deliver(
+        consumer_tag="stub",
+        delivery_tag=1,
+        redelivered=redelivered,
+        exchange=exchange,
+        routing_key=routing_key if routing_key is not None else queue,
+    )
+    message = Message(None, deliver, properties, body, queue)  # type: ignore[arg-type]
+    handler = Hooks([*app.middleware, *spec.middleware]).wrap_handler(_handler_of(spec))
+    error: Exception | None = None
+    try:
+        if spec.decode is not None:
+            try:
+                message.payload = spec.decode(body)
+            except Exception as exc:
+                raise Reject(f"undecodable body: {type(exc).__name__}: {exc}") from exc
+        await handler(message)
+    except Exception as exc:  # noqa: BLE001 - any handler error is the message's outcome
+        error = exc
+    decision = decide(error, properties.headers, spec.retry)
+    if error is None:
+        return decision
+    target = copy_queue(spec.queue, spec.queue_type, retry_bucket_ms(decision, spec.retry))
+    return replace(decision, target=target.name)
+
+
+def run_handler_sync(app: App, queue: str, body: bytes, **message: Any) -> Decision:
+    """:func:`run_handler` for tests without an event loop of their own."""
+    return asyncio.run(run_handler(app, queue, body, **message))
+
+
+def _spec(app: App, queue: str) -> HandlerSpec:
+    for spec in app.handlers:
+        if spec.queue == queue:
+            return spec
+    known = ", ".join(repr(spec.queue) for spec in app.handlers) or "none"
+    raise ConfigurationError(f"the app has no handler for queue {queue!r} (it has {known})")
+
+
+def _handler_of(spec: HandlerSpec) -> Any:
+    if spec.threaded is None:
+        return spec.handler
+
+    async def in_a_thread(message: Message) -> Any:
+        # The worker's thread pool opens with the worker; a thread of its own does here.
+        return await asyncio.to_thread(call_sync, spec.function, message)
+
+    return in_a_thread
