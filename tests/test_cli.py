@@ -27,7 +27,7 @@ PASSWORD = "hunter2-secret"
 ERROR_PREFIX = "steadyrabbit: error: "
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-# A log record as _cli._configure_logging formats it.
+# A log record as _cli.logs.configure_logging formats it.
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ (DEBUG|INFO|WARNING|ERROR)\s")
 
 

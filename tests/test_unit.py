@@ -418,7 +418,7 @@ def test_a_logged_traceback_masks_the_urls_it_quotes(
 ) -> None:
     """A handler's exception often quotes the URL it failed on; the plain log format printed
     tracebacks unmasked (the JSON one masked them)."""
-    from steadyrabbit._cli import _configure_logging
+    from steadyrabbit._cli.logs import configure_logging
 
     def call_the_service() -> None:
         raise RuntimeError("GET https://svc:Pa55-w0rd@api.example/x?token=tok-SECRET-9 failed")
@@ -426,7 +426,7 @@ def test_a_logged_traceback_masks_the_urls_it_quotes(
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        _configure_logging("info", log_format)
+        configure_logging("info", log_format)
         try:
             call_the_service()
         except RuntimeError:

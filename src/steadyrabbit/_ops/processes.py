@@ -68,7 +68,7 @@ def without_option(args: Sequence[str], option: str) -> list[str]:
     """``args`` without ``option VALUE`` and ``option=VALUE`` (arguments after ``--`` are kept).
 
     A value of another option that happens to be spelled like ``option`` would be taken for it:
-    the caller checks the result (see ``steadyrabbit._cli``).
+    the caller checks the result (see ``steadyrabbit._cli.run``).
     """
     kept: list[str] = []
     index = 0
