@@ -44,19 +44,18 @@ from steadyrabbit import (
     Settings,
     Worker,
 )
-from steadyrabbit._alert_settings import parse_smtp_url
-from steadyrabbit._alerts import (
+from steadyrabbit._alert_book import (
     CONSUMER_TIMEOUT,
     DEAD_LETTERED,
     LOOP_BLOCKED,
     RECONNECTS,
     STUCK,
     AlertBook,
-    Alerter,
     AlertEvent,
     ReconnectCounter,
-    _secrets_of,
 )
+from steadyrabbit._alert_settings import parse_smtp_url
+from steadyrabbit._alerts import Alerter, _secrets_of
 from steadyrabbit._url import scrub
 from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, eventually
