@@ -46,7 +46,13 @@ from ._ops.relay import relay_app
 from ._ops.top import watch
 from ._retry import RetryPolicy
 from ._settings import Settings
-from ._topology import bind_queue, ensure_exchange, ensure_queue
+from ._topology import (
+    bind_queue,
+    dead_letter_queue_name,
+    ensure_exchange,
+    ensure_queue,
+    retry_queue_name,
+)
 from ._url import BrokerAddress
 from ._worker import Worker
 from .testing import FaultProxy
@@ -443,8 +449,8 @@ async def run_demo(
     started = monotonic()
     say = _Timeline(out, started)
     policy = RetryPolicy(max_attempts=MAX_ATTEMPTS, delays=RETRY_DELAYS)
-    dlq = f"{queue}.dlq"
-    retry_queues = sorted({f"{queue}.retry.{policy.bucket_ms(d)}ms" for d in RETRY_DELAYS})
+    dlq = dead_letter_queue_name(queue)
+    retry_queues = sorted({retry_queue_name(queue, policy.bucket_ms(d)) for d in RETRY_DELAYS})
     run_id = secrets.token_hex(3)  # fresh ids: no crash-loop record of an earlier run applies
     ids = [f"contract-{n}-{run_id}" for n in range(1, messages + 1)]
     poison = _poison(ids)
