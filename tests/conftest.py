@@ -1,4 +1,9 @@
-"""Fixtures: the machine's broker, a private broker node, unique queues, an admin client."""
+"""Fixtures: the machine's broker, a private broker node, unique queues, an admin client,
+worker settings, and a middleware that says when messages have been settled.
+
+Async tests run under anyio's pytest plugin (``pytestmark = pytest.mark.anyio``, asyncio
+backend): a test is ``async def`` and awaits the worker itself, no ``asyncio.run`` of its own.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pika
 import pika.exceptions
 import pytest
 
+from steadyrabbit import Decision, Message, Middleware, Outcome, Settings
 from tests._broker import BrokerNode, main_broker_ctl, start_node
 
 MAIN_URL = os.environ.get("STEADYRABBIT_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -106,6 +112,80 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+class MakeSettings(Protocol):
+    def __call__(self, url: str = ..., **overrides: Any) -> Settings: ...
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> MakeSettings:
+    """Settings for a worker under test: the machine's broker (or ``url``), a 10 s connection
+    budget, state (the crash-loop record) under ``tmp_path``; keyword arguments override."""
+
+    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "urls": (url,),
+            "connect_timeout": 10.0,
+            "state_dir": tmp_path / "state",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def node_settings(make_settings: MakeSettings, private_node: BrokerNode) -> MakeSettings:
+    """Settings for a worker on the private node, which tests restart and cut: heartbeat 5 s,
+    reconnects from 0.2 s up to 2 s; keyword arguments override."""
+
+    def make(url: str = private_node.url, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "heartbeat": 5,
+            "reconnect_delay": 0.2,
+            "reconnect_delay_max": 2.0,
+        }
+        values.update(overrides)
+        return make_settings(url, **values)
+
+    return make
+
+
+class Settled(Middleware):
+    """Records every message's decision; ``await settled.wait_for(n)`` returns once ``n``
+    messages (of ``outcome``, if given) have been settled: woken by ``on_settled``, no polling.
+
+    ``on_settled`` runs after the ack (or the confirmed copy and the ack), once the worker's
+    counters have been updated.
+    """
+
+    def __init__(self) -> None:
+        self.decisions: list[tuple[bytes, Decision]] = []
+        self._changed = asyncio.Event()
+
+    def on_settled(self, message: Message, decision: Decision) -> None:
+        self.decisions.append((message.body, decision))
+        self._changed.set()
+
+    def count(self, outcome: Outcome | None = None) -> int:
+        return sum(1 for _, d in self.decisions if outcome is None or d.outcome is outcome)
+
+    async def wait_for(
+        self, n: int, outcome: Outcome | None = None, *, within: float = 30
+    ) -> None:
+        what = f"{n} {outcome.value if outcome else 'settled'} message(s)"
+        deadline = time.monotonic() + within
+        while self.count(outcome) < n:
+            self._changed.clear()
+            remaining = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(remaining, 0))
+            except TimeoutError:
+                raise AssertionError(
+                    f"timed out after {within} s waiting for {what}; settled: "
+                    f"{[(body, d.outcome.value) for body, d in self.decisions]}"
+                ) from None
 
 
 @pytest.fixture

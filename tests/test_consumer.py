@@ -21,23 +21,19 @@ from steadyrabbit import (
     BrokerUnreachableError,
     ConfigurationError,
     Message,
+    Outcome,
     Reject,
     RetryPolicy,
-    Settings,
     Worker,
 )
 from tests._broker import main_broker_ctl
-from tests.conftest import MAIN_URL, Admin, eventually
+from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
+
+pytestmark = pytest.mark.anyio
 
 
-def settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"urls": (MAIN_URL,), "connect_timeout": 10.0}
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
-def test_seed2_sync_handler_blocking_past_heartbeats_is_acked_once(
-    queue_name: str, admin: Admin
+async def test_seed2_sync_handler_blocking_past_heartbeats_is_acked_once(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Heartbeat 2 s, a handler that blocks 10 s: the broker would drop a starved connection
     after two missed heartbeats (4 s) and redeliver; here it is acked once, no reconnect."""
@@ -51,21 +47,17 @@ def test_seed2_sync_handler_blocking_past_heartbeats_is_acked_once(
         calls.append(message.body)
         time.sleep(10)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(heartbeat=2)) as worker:
-            assert worker.negotiated_heartbeat == 2
-            await eventually(lambda: worker.stats.acked == 1, within=30, what="the ack")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, make_settings(heartbeat=2)) as worker:
+        assert worker.negotiated_heartbeat == 2
+        await eventually(lambda: worker.stats.acked == 1, within=30, what="the ack")
     assert calls == [b"long job"]
     assert worker.stats.reconnect_count == 0
     assert worker.stats.stale_settlements_dropped == 0
     assert admin.counts(queue_name) == (0, 0)
 
 
-def test_an_async_handler_that_blocks_the_loop_is_named(
-    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture
+async def test_an_async_handler_that_blocks_the_loop_is_named(
+    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"x"])
@@ -75,13 +67,9 @@ def test_an_async_handler_that_blocks_the_loop_is_named(
     async def blocking_handler(message: Message) -> None:
         time.sleep(1.5)  # the mistake the watchdog exists for  # noqa: ASYNC251
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(loop_lag_threshold=0.4)) as worker:
-            await eventually(lambda: worker.stats.acked == 1, what="the ack")
-        return worker
-
     with caplog.at_level(logging.WARNING, logger="steadyrabbit"):
-        worker = asyncio.run(scenario())
+        async with Worker(app, make_settings(loop_lag_threshold=0.4)) as worker:
+            await eventually(lambda: worker.stats.acked == 1, what="the ack")
     assert worker.stats.loop_stalls >= 1
     messages = [record.getMessage() for record in caplog.records]
     blocked = [m for m in messages if "event loop has been blocked" in m]
@@ -90,14 +78,15 @@ def test_an_async_handler_that_blocks_the_loop_is_named(
     assert f"queue {queue_name!r}" in blocked[0]
 
 
-def test_failures_go_to_the_dead_letter_queue_with_the_reason(
-    queue_name: str, admin: Admin
+async def test_failures_go_to_the_dead_letter_queue_with_the_reason(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     bodies = [b'{"n": 1}', b"not json {", b'{"n": 2, "fail": true}', b'{"n": 3, "reject": 1}']
     admin.publish(queue_name, bodies)
     handled: list[object] = []
-    app = App()
+    settled = Settled()
+    app = App(middleware=[settled])
 
     @app.consumer(queue_name, decode="json", concurrency=2, retry=RetryPolicy(max_attempts=1))
     async def handle(message: Message) -> None:
@@ -107,13 +96,11 @@ def test_failures_go_to_the_dead_letter_queue_with_the_reason(
             raise Reject("n=3 is not for us")
         handled.append(message.payload)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings()) as worker:
-            await eventually(lambda: worker.stats.dead_lettered == 3, what="3 dead letters")
-            await eventually(lambda: worker.stats.acked == 4, what="4 acks")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        await settled.wait_for(4)
+    assert settled.count(Outcome.DEAD_LETTER) == 3
+    assert worker.stats.dead_lettered == 3
+    assert worker.stats.acked == 4
     assert handled == [{"n": 1}]
     assert worker.stats.handler_errors == 1
     assert admin.counts(queue_name) == (0, 0)
@@ -136,8 +123,8 @@ def test_failures_go_to_the_dead_letter_queue_with_the_reason(
     assert dead[b'{"n": 3, "reject": 1}']["x-steadyrabbit-reason"] == "n=3 is not for us"
 
 
-def test_prefetch_defaults_to_concurrency_so_the_backlog_stays_in_the_broker(
-    queue_name: str, admin: Admin
+async def test_prefetch_defaults_to_concurrency_so_the_backlog_stays_in_the_broker(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [str(i).encode() for i in range(10)])
@@ -150,18 +137,14 @@ def test_prefetch_defaults_to_concurrency_so_the_backlog_stays_in_the_broker(
         started.release()
         release.wait(30)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings()) as worker:
-            for _ in range(2):
-                assert await asyncio.to_thread(started.acquire, True, 10)
-            # Two running, none waiting in this process: 8 stay ready in the broker.
-            assert admin.counts(queue_name) == (8, 1)
-            assert worker.in_flight == 2
-            release.set()
-            await eventually(lambda: worker.stats.acked == 10, what="10 acks")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        for _ in range(2):
+            assert await asyncio.to_thread(started.acquire, True, 10)
+        # Two running, none waiting in this process: 8 stay ready in the broker.
+        assert admin.counts(queue_name) == (8, 1)
+        assert worker.in_flight == 2
+        release.set()
+        await eventually(lambda: worker.stats.acked == 10, what="10 acks")
     assert worker.stats.delivered == 10
     assert admin.counts(queue_name) == (0, 0)
 
@@ -171,8 +154,8 @@ def test_prefetch_defaults_to_concurrency_so_the_backlog_stays_in_the_broker(
     [{"x-queue-type": "quorum"}, {"x-max-length": 1000, "x-message-ttl": 3_600_000}],
     ids=["quorum", "classic-with-arguments"],
 )
-def test_an_existing_queue_is_consumed_as_it_is(
-    queue_name: str, admin: Admin, arguments: dict[str, object]
+async def test_an_existing_queue_is_consumed_as_it_is(
+    queue_name: str, admin: Admin, arguments: dict[str, object], make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name, arguments=arguments)
     admin.publish(queue_name, [b"a", b"b"])
@@ -183,16 +166,13 @@ def test_an_existing_queue_is_consumed_as_it_is(
     async def handle(message: Message) -> None:
         seen.append(message.body)
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
-            await eventually(lambda: worker.stats.acked == 2, what="2 acks")
-
-    asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        await eventually(lambda: worker.stats.acked == 2, what="2 acks")
     assert sorted(seen) == [b"a", b"b"]
 
 
-def test_a_missing_queue_is_declared_durable_and_bound_to_the_seed_topic_exchange(
-    queue_name: str, admin: Admin
+async def test_a_missing_queue_is_declared_durable_and_bound_to_the_seed_topic_exchange(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     exchange = f"{queue_name}-exchange"
     seen: list[object] = []
@@ -204,17 +184,14 @@ def test_a_missing_queue_is_declared_durable_and_bound_to_the_seed_topic_exchang
     async def handle(message: Message) -> None:
         seen.append((message.routing_key, message.payload))
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             for key in ("purchasing.system.contract", "purchasing.system.other"):
                 await admin.run(
                     admin.publish, queue_name, [json.dumps({"key": key}).encode()],
                     exchange=exchange, routing_key=key,
                 )
             await eventually(lambda: worker.stats.acked == 1, what="1 ack")
-
-    try:
-        asyncio.run(scenario())
     finally:
         admin.delete_exchange(exchange)
     assert seen == [("purchasing.system.contract", {"key": "purchasing.system.contract"})]
@@ -223,8 +200,8 @@ def test_a_missing_queue_is_declared_durable_and_bound_to_the_seed_topic_exchang
         assert declared.method.message_count == 0
 
 
-def test_graceful_stop_finishes_running_handlers_and_requeues_unstarted(
-    queue_name: str, admin: Admin
+async def test_graceful_stop_finishes_running_handlers_and_requeues_unstarted(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [str(i).encode() for i in range(6)])
@@ -239,20 +216,17 @@ def test_graceful_stop_finishes_running_handlers_and_requeues_unstarted(
         release.wait(30)
         finished.append(message.body)
 
-    async def scenario() -> tuple[Worker, bool]:
-        worker = Worker(app, settings(grace_period=10))
-        await worker.start()
-        for _ in range(2):
-            assert await asyncio.to_thread(started.acquire, True, 10)
-        await eventually(lambda: worker.stats.delivered == 4, what="4 prefetched deliveries")
-        stopping = asyncio.ensure_future(worker.stop())
-        # The unstarted two go back at once, while the running two are still running.
-        await eventually(lambda: worker.stats.requeued_unstarted == 2, what="the requeue")
-        assert worker.in_flight == 2
-        release.set()
-        return worker, await stopping
-
-    worker, graceful = asyncio.run(scenario())
+    worker = Worker(app, make_settings(grace_period=10))
+    await worker.start()
+    for _ in range(2):
+        assert await asyncio.to_thread(started.acquire, True, 10)
+    await eventually(lambda: worker.stats.delivered == 4, what="4 prefetched deliveries")
+    stopping = asyncio.ensure_future(worker.stop())
+    # The unstarted two go back at once, while the running two are still running.
+    await eventually(lambda: worker.stats.requeued_unstarted == 2, what="the requeue")
+    assert worker.in_flight == 2
+    release.set()
+    graceful = await stopping
     assert graceful
     assert len(finished) == 2
     assert worker.stats.acked == 2
@@ -263,8 +237,8 @@ def test_graceful_stop_finishes_running_handlers_and_requeues_unstarted(
     assert len(remaining) == 4
 
 
-def test_a_handler_still_running_after_the_grace_period_is_redelivered(
-    queue_name: str, admin: Admin
+async def test_a_handler_still_running_after_the_grace_period_is_redelivered(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"too slow"])
@@ -276,17 +250,16 @@ def test_a_handler_still_running_after_the_grace_period_is_redelivered(
         entered.set()
         await asyncio.sleep(60)
 
-    async def scenario() -> bool:
-        worker = Worker(app, settings(grace_period=0.5))
-        await worker.start()
-        await asyncio.wait_for(entered.wait(), 10)
-        return await worker.stop()
-
-    assert asyncio.run(scenario()) is False
+    worker = Worker(app, make_settings(grace_period=0.5))
+    await worker.start()
+    await asyncio.wait_for(entered.wait(), 10)
+    assert await worker.stop() is False
     assert admin.counts(queue_name) == (1, 0)
 
 
-def test_several_urls_are_tried_in_turn(queue_name: str, admin: Admin) -> None:
+async def test_several_urls_are_tried_in_turn(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"x"])
     app = App()
@@ -295,87 +268,80 @@ def test_several_urls_are_tried_in_turn(queue_name: str, admin: Admin) -> None:
     async def handle(message: Message) -> None:
         pass
 
-    async def scenario() -> None:
-        dead = "amqp://guest:guest@127.0.0.1:1/%2F"
-        async with Worker(app, settings(urls=(dead, MAIN_URL))) as worker:
-            await eventually(lambda: worker.stats.acked == 1, what="the ack")
-
-    asyncio.run(scenario())
+    dead = "amqp://guest:guest@127.0.0.1:1/%2F"
+    async with Worker(app, make_settings(urls=(dead, MAIN_URL))) as worker:
+        await eventually(lambda: worker.stats.acked == 1, what="the ack")
 
 
-def test_wrong_credentials_stop_at_once_with_a_clear_error(queue_name: str) -> None:
+async def test_wrong_credentials_stop_at_once_with_a_clear_error(
+    queue_name: str, make_settings: MakeSettings
+) -> None:
     app = App()
     app.add_consumer(lambda message: None, queue_name)
     bad = "amqp://guest:not-the-password-42@127.0.0.1:5672/%2F"
 
-    async def scenario() -> None:
-        await Worker(app, settings(urls=(bad,), connect_timeout=30)).start()
-
     began = time.monotonic()
     with pytest.raises(AuthenticationError) as info:
-        asyncio.run(scenario())
+        await Worker(app, make_settings(urls=(bad,), connect_timeout=30)).start()
     assert time.monotonic() - began < 10, "a permanent error must not be retried"
     assert "guest" in str(info.value)
     assert "not-the-password-42" not in str(info.value)
 
 
-def test_unknown_vhost_is_a_permanent_error(queue_name: str) -> None:
-    app = App()
-    app.add_consumer(lambda message: None, queue_name)
-
-    async def scenario() -> None:
-        url = "amqp://guest:guest@127.0.0.1:5672/no-such-vhost"
-        await Worker(app, settings(urls=(url,), connect_timeout=30)).start()
-
-    with pytest.raises(Exception, match="virtual host 'no-such-vhost'"):
-        asyncio.run(scenario())
-
-
-def test_an_unreachable_broker_gives_up_after_the_first_connection_budget(
-    queue_name: str,
+async def test_unknown_vhost_is_a_permanent_error(
+    queue_name: str, make_settings: MakeSettings
 ) -> None:
     app = App()
     app.add_consumer(lambda message: None, queue_name)
 
-    async def scenario() -> None:
-        url = "amqp://guest:guest@127.0.0.1:1/%2F"
-        await Worker(app, settings(urls=(url,), connect_timeout=2)).start()
+    url = "amqp://guest:guest@127.0.0.1:5672/no-such-vhost"
+    with pytest.raises(Exception, match="virtual host 'no-such-vhost'"):
+        await Worker(app, make_settings(urls=(url,), connect_timeout=30)).start()
 
+
+async def test_an_unreachable_broker_gives_up_after_the_first_connection_budget(
+    queue_name: str,
+    make_settings: MakeSettings,
+) -> None:
+    app = App()
+    app.add_consumer(lambda message: None, queue_name)
+
+    url = "amqp://guest:guest@127.0.0.1:1/%2F"
     began = time.monotonic()
     with pytest.raises(BrokerUnreachableError, match="no broker answered within 2 s"):
-        asyncio.run(scenario())
+        await Worker(app, make_settings(urls=(url,), connect_timeout=2)).start()
     assert 2 <= time.monotonic() - began < 10
 
 
-def test_consumer_cancelled_by_the_broker_resumes(queue_name: str, admin: Admin) -> None:
+async def test_consumer_cancelled_by_the_broker_resumes(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
+) -> None:
     """Deleting the queue sends basic.cancel; the consumer re-declares and re-subscribes."""
     admin.declare(queue_name)
     seen: list[bytes] = []
-    app = App()
+    settled = Settled()
+    app = App(middleware=[settled])
 
     @app.consumer(queue_name)
     async def handle(message: Message) -> None:
         seen.append(message.body)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings()) as worker:
-            await admin.run(admin.publish, queue_name, [b"before"])
-            await eventually(lambda: worker.stats.acked == 1, what="the first ack")
-            await admin.run(admin.delete, queue_name)
-            await eventually(lambda: worker.stats.consumer_cancels == 1, what="the cancel")
-            await admin.run(admin.declare, queue_name)
-            await eventually(lambda: worker.ready, what="re-subscription")
-            await admin.run(admin.publish, queue_name, [b"after"])
-            await eventually(lambda: worker.stats.acked == 2, what="the second ack")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"before"])
+        await settled.wait_for(1)
+        await admin.run(admin.delete, queue_name)
+        await eventually(lambda: worker.stats.consumer_cancels == 1, what="the cancel")
+        await admin.run(admin.declare, queue_name)
+        await eventually(lambda: worker.ready, what="re-subscription")
+        await admin.run(admin.publish, queue_name, [b"after"])
+        await settled.wait_for(2)
     assert seen == [b"before", b"after"]
+    assert worker.stats.acked == 2
     assert worker.stats.reconnect_count == 0
 
 
-def test_coalesced_acks_never_cover_a_running_message_nor_wait_for_it(
-    queue_name: str, admin: Admin
+async def test_coalesced_acks_never_cover_a_running_message_nor_wait_for_it(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Tags 2 and 3 finish while tag 1 still runs: their acks go out at once, one by one (a
     multiple=True ack up to 3 would also ack the unfinished 1)."""
@@ -399,21 +365,17 @@ def test_coalesced_acks_never_cover_a_running_message_nor_wait_for_it(
                 return int(count)
         raise AssertionError(f"{queue_name} not listed")
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings()) as worker:
-            await eventually(lambda: worker.stats.acked == 2, what="the two quick acks")
-            assert worker.in_flight == 1
-            assert await asyncio.to_thread(unacked) == 1, "only the running one is unacked"
-            release.set()
-            await eventually(lambda: worker.stats.acked == 3, what="the last ack")
-        return worker
-
-    asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        await eventually(lambda: worker.stats.acked == 2, what="the two quick acks")
+        assert worker.in_flight == 1
+        assert await asyncio.to_thread(unacked) == 1, "only the running one is unacked"
+        release.set()
+        await eventually(lambda: worker.stats.acked == 3, what="the last ack")
     assert admin.counts(queue_name) == (0, 0)
 
 
-def test_several_routing_keys_fanout_and_headers_exchanges_are_bound(
-    queue_name: str, admin: Admin
+async def test_several_routing_keys_fanout_and_headers_exchanges_are_bound(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Issue 8.7: ``routing_key=[...]`` crashed the worker with pika tracebacks. Now each key is
     bound; a fanout exchange binds without a key, a headers exchange with bind arguments."""
@@ -443,8 +405,8 @@ def test_several_routing_keys_fanout_and_headers_exchanges_are_bound(
             properties=pika.BasicProperties(delivery_mode=2, headers=headers or None),
         )
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             await admin.run(publish, topic, "order.created", b"t1")
             await admin.run(publish, topic, "bill.sent", b"t2")
             await admin.run(publish, topic, "other.key", b"not routed")
@@ -453,9 +415,6 @@ def test_several_routing_keys_fanout_and_headers_exchanges_are_bound(
             await admin.run(publish, headers, "", b"not matched", kind="bill")
             await eventually(lambda: worker.stats.acked == 4, what="four messages")
             await asyncio.sleep(0.3)
-
-    try:
-        asyncio.run(scenario())
         assert sorted(seen["topic"]) == [b"t1", b"t2"]
         assert seen["fanout"] == [b"f1"]
         assert seen["headers"] == [b"h1"]
@@ -497,7 +456,9 @@ def test_any_routing_key_value_is_accepted_or_refused_in_one_sentence(
     assert all(isinstance(key, str) for key in spec.routing_keys)
 
 
-def test_abort_starts_no_prefetched_message(queue_name: str, admin: Admin) -> None:
+async def test_abort_starts_no_prefetched_message(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
+) -> None:
     """Issue 8.9: after Worker.abort() (a fatal error, or leaving ``async with`` by an
     exception) prefetched messages still started, ran, and ran again after redelivery."""
     admin.declare(queue_name)
@@ -510,20 +471,17 @@ def test_abort_starts_no_prefetched_message(queue_name: str, admin: Admin) -> No
         started.append(message.body)
         await asyncio.Event().wait()  # runs until cancelled
 
-    async def scenario() -> None:
-        with contextlib.suppress(RuntimeError):
-            async with Worker(app, settings()) as worker:
-                await eventually(lambda: worker.consumers[0].waiting == 2, what="two prefetched")
-                raise RuntimeError("leaving the block by an exception aborts")
-        await asyncio.sleep(0.5)  # a prefetched message would have started by now
-
-    asyncio.run(scenario())
+    with contextlib.suppress(RuntimeError):
+        async with Worker(app, make_settings()) as worker:
+            await eventually(lambda: worker.consumers[0].waiting == 2, what="two prefetched")
+            raise RuntimeError("leaving the block by an exception aborts")
+    await asyncio.sleep(0.5)  # a prefetched message would have started by now
     assert started == [b"1"]
     assert admin.counts(queue_name) == (3, 0)
 
 
-def test_a_handler_reads_steadyrabbits_own_properties_not_pikas(
-    queue_name: str, admin: Admin
+async def test_a_handler_reads_steadyrabbits_own_properties_not_pikas(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Issue 9.4: the public Message exposes steadyrabbit's Properties value."""
     from steadyrabbit import Properties
@@ -541,12 +499,9 @@ def test_a_handler_reads_steadyrabbits_own_properties_not_pikas(
         headers={"x-user": "kept"}, timestamp=1_700_000_000, app_id="billing",
     )
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
-            await admin.run(admin.publish, queue_name, [b"{}"], properties=sent)
-            await eventually(lambda: worker.stats.acked == 1, what="the ack")
-
-    asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"{}"], properties=sent)
+        await eventually(lambda: worker.stats.acked == 1, what="the ack")
     [properties] = seen
     assert type(properties) is Properties
     assert properties == Properties(
