@@ -22,24 +22,20 @@ from hypothesis import strategies as st
 from steadyrabbit import (
     App,
     Message,
+    Outcome,
     PublishRefusedError,
     Reject,
     Retry,
     RetryPolicy,
-    Settings,
     Worker,
 )
 from steadyrabbit._headers import BCC, CC, PUBLISH_ID, REASON, USER_ID, routing_neutral
 from steadyrabbit._message import persistent_copy
 from tests._broker import BrokerNode, main_broker_ctl
 from tests._strategies import HEADER_VALUES
-from tests.conftest import MAIN_URL, Admin, eventually
+from tests.conftest import Admin, MakeSettings, Settled, eventually
 
-
-def settings(url: str = MAIN_URL, **overrides: object) -> Settings:
-    values: dict[str, object] = {"urls": (url,), "connect_timeout": 10.0}
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+pytestmark = pytest.mark.anyio
 
 
 def _always_failing_app(queue: str, runs: list[bytes]) -> App:
@@ -53,8 +49,8 @@ def _always_failing_app(queue: str, runs: list[bytes]) -> App:
     return app
 
 
-def test_a_cc_header_naming_the_queue_never_fans_the_copies_out(
-    queue_name: str, admin: Admin
+async def test_a_cc_header_naming_the_queue_never_fans_the_copies_out(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Issue 8.1: CC named the consumed queue, BCC another; each failure re-entered the queue.
     Now: max_attempts runs, one dead letter, the BCC queue keeps only the original's copy."""
@@ -71,13 +67,10 @@ def test_a_cc_header_naming_the_queue_never_fans_the_copies_out(
         ),
     )
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
             await asyncio.sleep(1.0)  # a fan-out would show more runs by now
-
-    try:
-        asyncio.run(scenario())
         assert runs == [b"fan-out"] * 3
         assert admin.counts(other) == (1, 0)  # the original's BCC copy, no more
         [(props, body)] = admin.drain(f"{queue_name}.dlq")
@@ -130,7 +123,7 @@ def test_a_copy_never_carries_routing_headers_or_a_user_id(
 )
 @given(headers=_HEADERS, targets=st.lists(st.sampled_from(["self", "other"]), max_size=3))
 def test_generated_headers_give_exactly_max_attempts_runs_and_one_dead_letter(
-    admin: Admin, headers: dict[str, Any], targets: list[str]
+    admin: Admin, headers: dict[str, Any], targets: list[str], make_settings: MakeSettings
 ) -> None:
     """On the broker, for generated headers with CC/BCC naming the queue or another one."""
     queue = f"sr-test-copies-{uuid.uuid4().hex[:8]}"
@@ -145,7 +138,7 @@ def test_generated_headers_give_exactly_max_attempts_runs_and_one_dead_letter(
     admin.publish(queue, [b"m"], properties=pika.BasicProperties(delivery_mode=2, headers=sent))
 
     async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
+        async with Worker(app, make_settings()) as worker:
             await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
             await asyncio.sleep(0.3)
 
@@ -172,8 +165,8 @@ def impersonator() -> Any:
         main_broker_ctl("delete_user", name)
 
 
-def test_a_foreign_user_id_is_retried_and_dead_lettered(
-    queue_name: str, admin: Admin, impersonator: Admin
+async def test_a_foreign_user_id_is_retried_and_dead_lettered(
+    queue_name: str, admin: Admin, impersonator: Admin, make_settings: MakeSettings
 ) -> None:
     """Issue 8.2: the worker (guest) could never publish a copy of a message whose user_id
     named someone else (406, retried forever). Now the copy carries the id as a header."""
@@ -185,14 +178,11 @@ def test_a_foreign_user_id_is_retried_and_dead_lettered(
         properties=pika.BasicProperties(delivery_mode=2, user_id="alice"),
     )
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             await eventually(
                 lambda: worker.stats.dead_lettered == 1, within=20, what="the dead letter"
             )
-
-    try:
-        asyncio.run(scenario())
         assert runs == [b"from a gateway"] * 3
         [(props, _body)] = admin.drain(f"{queue_name}.dlq")
         assert props.user_id is None
@@ -214,8 +204,8 @@ def _refusing_policy(name: str, queue: str) -> Any:
         main_broker_ctl("clear_policy", name)
 
 
-def test_a_refused_retry_copy_is_dead_lettered_with_the_reason(
-    queue_name: str, admin: Admin
+async def test_a_refused_retry_copy_is_dead_lettered_with_the_reason(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Issue 8.2, the class: a permanent refusal (here a nack from a retry queue that rejects
     publishes) is a decision, not a retry loop: the message is dead-lettered, saying why."""
@@ -227,13 +217,10 @@ def test_a_refused_retry_copy_is_dead_lettered_with_the_reason(
     try:
         with _refusing_policy(f"{queue_name}-policy", retry_queue):
 
-            async def scenario() -> None:
-                async with Worker(app, settings()) as worker:
-                    await eventually(
-                        lambda: worker.stats.dead_lettered == 1, what="the dead letter"
-                    )
-
-            asyncio.run(scenario())
+            async with Worker(app, make_settings()) as worker:
+                await eventually(
+                    lambda: worker.stats.dead_lettered == 1, what="the dead letter"
+                )
         assert runs == [b"refused retry"]
         [(props, _body)] = admin.drain(f"{queue_name}.dlq")
         reason = str((props.headers or {})[REASON])
@@ -243,8 +230,8 @@ def test_a_refused_retry_copy_is_dead_lettered_with_the_reason(
         admin.delete(retry_queue)
 
 
-def test_a_refused_dead_letter_stops_the_worker_and_keeps_the_message(
-    queue_name: str, admin: Admin
+async def test_a_refused_dead_letter_stops_the_worker_and_keeps_the_message(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """A dead-letter queue that refuses publishes: the worker stops with one sentence naming
     the queue and what to check; the message is back in its queue, not looping."""
@@ -259,12 +246,8 @@ def test_a_refused_dead_letter_stops_the_worker_and_keeps_the_message(
 
     admin.publish(queue_name, [b"refused dead letter"])
     with _refusing_policy(f"{queue_name}-policy", f"{queue_name}.dlq"):
-
-        async def scenario() -> BaseException:
-            async with Worker(app, settings()) as worker:
-                return await asyncio.wait_for(worker.wait_failed(), 30)
-
-        error = asyncio.run(scenario())
+        async with Worker(app, make_settings()) as worker:
+            error = await asyncio.wait_for(worker.wait_failed(), 30)
     assert isinstance(error, PublishRefusedError)
     assert f"{queue_name}.dlq" in str(error)
     assert "\n" not in str(error)
@@ -272,8 +255,8 @@ def test_a_refused_dead_letter_stops_the_worker_and_keeps_the_message(
     assert admin.counts(queue_name) == (1, 0)
 
 
-def test_the_handler_sees_the_original_routing_key_and_its_attempt_on_every_delivery(
-    queue_name: str, admin: Admin
+async def test_the_handler_sees_the_original_routing_key_and_its_attempt_on_every_delivery(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Issue 8.14: a retry came back with the queue name as routing key and the default
     exchange; now exchange, routing key and attempt number are those of the message."""
@@ -289,16 +272,13 @@ def test_the_handler_sees_the_original_routing_key_and_its_attempt_on_every_deli
         if message.attempt < 3:
             raise Retry("again", delay=0.05)
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             await admin.run(
                 admin.publish, queue_name, [b"contract"], exchange=exchange,
                 routing_key="purchasing.system.contract",
             )
             await eventually(lambda: worker.stats.succeeded == 1, what="the third attempt")
-
-    try:
-        asyncio.run(scenario())
     finally:
         admin.delete(f"{queue_name}.retry.50ms")
         admin.delete_exchange(exchange)
@@ -307,8 +287,8 @@ def test_the_handler_sees_the_original_routing_key_and_its_attempt_on_every_deli
 
 @pytest.mark.slow
 @pytest.mark.private_node
-def test_a_memory_alarm_does_not_pile_up_copies(
-    private_node: BrokerNode, private_admin: Admin, tmp_path: Any
+async def test_a_memory_alarm_does_not_pile_up_copies(
+    private_node: BrokerNode, private_admin: Admin, tmp_path: Any, make_settings: MakeSettings
 ) -> None:
     """Issue 8.12: during a memory alarm the publishing connection is blocked; each
     consumer_timeout (5 s) cycle used to leave one more copy in it. Now the redelivered
@@ -324,8 +304,8 @@ def test_a_memory_alarm_does_not_pile_up_copies(
         runs.append(message.body)
         raise Reject("no")
 
-    async def scenario() -> Worker:
-        worker_settings = settings(
+    try:
+        worker_settings = make_settings(
             private_node.url, state_dir=tmp_path, reconnect_delay=0.2, reconnect_delay_max=1.0
         )
         await asyncio.to_thread(private_node.ctl, "set_vm_memory_high_watermark", "0.000001")
@@ -345,10 +325,6 @@ def test_a_memory_alarm_does_not_pile_up_copies(
                 await asyncio.sleep(2.0)  # any other copy would be enqueued by now
         finally:
             await asyncio.to_thread(private_node.ctl, "set_vm_memory_high_watermark", "0.4")
-        return worker
-
-    try:
-        asyncio.run(scenario())
         assert runs == [b"rejected during an alarm"]
         assert private_admin.counts(f"{queue}.dlq") == (1, 0)
         assert private_admin.counts(queue) == (0, 0)
@@ -356,8 +332,8 @@ def test_a_memory_alarm_does_not_pile_up_copies(
         private_admin.delete(queue, f"{queue}.dlq")
 
 
-def test_an_unroutable_copy_is_logged_as_returned_not_as_a_closed_channel(
-    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture
+async def test_an_unroutable_copy_is_logged_as_returned_not_as_a_closed_channel(
+    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture, make_settings: MakeSettings
 ) -> None:
     """Issue 8.18: a copy returned as unroutable (its retry queue deleted under the worker) was
     logged as "channel closed by the broker: 312 NO_ROUTE" although the channel stays open.
@@ -377,13 +353,10 @@ def test_an_unroutable_copy_is_logged_as_returned_not_as_a_closed_channel(
         if message.attempt < 3:
             raise Retry("again")
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             await admin.run(admin.publish, queue_name, [b"returned once"])
             await eventually(lambda: worker.stats.succeeded == 1, what="the third attempt")
-
-    try:
-        asyncio.run(scenario())
     finally:
         admin.delete(retry_queue)
     assert attempts == [1, 2, 3]
@@ -392,24 +365,22 @@ def test_an_unroutable_copy_is_logged_as_returned_not_as_a_closed_channel(
     assert not any("channel closed by the broker: 312" in m for m in messages)
 
 
-def test_a_dead_letters_reason_names_no_password_or_token(
-    queue_name: str, admin: Admin
+async def test_a_dead_letters_reason_names_no_password_or_token(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """Invariant 10: a handler's exception text often carries the URL it called (httpx errors
     do). The reason stored on the broker masks its password and query values."""
     admin.declare(queue_name)
-    app = App()
+    settled = Settled()
+    app = App(middleware=[settled])
 
     @app.consumer(queue_name)
     async def handle(message: Message) -> None:
         raise Reject("calling https://svc:Pa55-w0rd@api.example/v1?token=tok-SECRET-42 failed")
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
-            await admin.run(admin.publish, queue_name, [b"m"])
-            await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
-
-    asyncio.run(scenario())
+    async with Worker(app, make_settings()):
+        await admin.run(admin.publish, queue_name, [b"m"])
+        await settled.wait_for(1, Outcome.DEAD_LETTER)
     [(props, _body)] = admin.drain(f"{queue_name}.dlq")
     reason = str((props.headers or {})[REASON])
     assert "api.example/v1?token=****" in reason
