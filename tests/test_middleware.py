@@ -17,17 +17,14 @@ from steadyrabbit import (
     Reject,
     Retry,
     RetryPolicy,
-    Settings,
     Worker,
 )
 from steadyrabbit._middleware import CallNext, Hooks, PublishNext
 from steadyrabbit._url import BrokerAddress
 from steadyrabbit._view import WorkerView
-from tests.conftest import MAIN_URL, Admin
+from tests.conftest import Admin, MakeSettings
 
-
-def settings() -> Settings:
-    return Settings(urls=(MAIN_URL,), connect_timeout=10.0)
+pytestmark = pytest.mark.anyio
 
 
 class Recorder(Middleware):
@@ -67,8 +64,8 @@ class Recorder(Middleware):
             await asyncio.wait_for(self.changed.wait(), 30)
 
 
-def test_a_middleware_sees_every_decision_in_order_around_the_handler(
-    queue_name: str, admin: Admin
+async def test_a_middleware_sees_every_decision_in_order_around_the_handler(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     """App middleware wraps the consumer's own; before-hooks in list order, after-hooks in
     reverse; on_settled gets outcome, reason, attempt and target for every message."""
@@ -87,15 +84,12 @@ def test_a_middleware_sees_every_decision_in_order_around_the_handler(
         if message.body == b"fail":
             raise ValueError("broken")
 
-    async def scenario() -> None:
-        async with Worker(app, settings()):
+    try:
+        async with Worker(app, make_settings()):
             await admin.run(admin.publish, queue_name, [b"ok"])
             await outer.settled_count(1)
             await admin.run(admin.publish, queue_name, [b"reject", b"retry", b"fail"])
             await outer.settled_count(6)  # ok, reject, retry x2, fail x2
-
-    try:
-        asyncio.run(scenario())
     finally:
         admin.delete(f"{queue_name}.retry.50ms")
     assert log[:8] == [
@@ -126,8 +120,8 @@ class Broken(Middleware):
         raise RuntimeError("another one")
 
 
-def test_a_failing_observer_is_logged_and_changes_nothing(
-    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture
+async def test_a_failing_observer_is_logged_and_changes_nothing(
+    queue_name: str, admin: Admin, caplog: pytest.LogCaptureFixture, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     log: list[str] = []
@@ -135,12 +129,9 @@ def test_a_failing_observer_is_logged_and_changes_nothing(
     app = App(middleware=[Broken(), recorder])
     app.add_consumer(lambda message: None, queue_name)
 
-    async def scenario() -> None:
-        async with Worker(app, settings()):
-            await admin.run(admin.publish, queue_name, [b"a", b"b"])
-            await recorder.settled_count(2)
-
-    asyncio.run(scenario())
+    async with Worker(app, make_settings()):
+        await admin.run(admin.publish, queue_name, [b"a", b"b"])
+        await recorder.settled_count(2)
     assert [d.outcome for _, d in recorder.settled] == [Outcome.ACK, Outcome.ACK]
     assert admin.counts(queue_name) == (0, 0)
     failures = [r for r in caplog.records if "middleware Broken failed" in r.getMessage()]
@@ -168,8 +159,8 @@ class Stamp(Middleware):
         await call_next(publish)
 
 
-def test_around_handler_may_skip_the_handler_and_around_publish_sees_every_copy(
-    queue_name: str, admin: Admin
+async def test_around_handler_may_skip_the_handler_and_around_publish_sees_every_copy(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     log: list[str] = []
@@ -183,12 +174,9 @@ def test_around_handler_may_skip_the_handler_and_around_publish_sees_every_copy(
         if message.body == b"bad":
             raise Reject("bad")
 
-    async def scenario() -> None:
-        async with Worker(app, settings()):
-            await admin.run(admin.publish, queue_name, [b"once", b"once", b"bad"])
-            await recorder.settled_count(3)
-
-    asyncio.run(scenario())
+    async with Worker(app, make_settings()):
+        await admin.run(admin.publish, queue_name, [b"once", b"once", b"bad"])
+        await recorder.settled_count(3)
     assert runs == [b"once", b"bad"]
     assert [d.outcome for _, d in recorder.settled] == [
         Outcome.ACK, Outcome.ACK, Outcome.DEAD_LETTER,
