@@ -18,26 +18,19 @@ import pytest
 from steadyrabbit import (
     App,
     Message,
+    Outcome,
     Reject,
     Retry,
     RetryPolicy,
-    Settings,
     TopologyConflictError,
     Worker,
 )
-from tests.conftest import MAIN_URL, Admin, eventually
+from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def settings(tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "urls": (MAIN_URL,),
-        "connect_timeout": 10.0,
-        "state_dir": tmp_path / "state",
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+pytestmark = pytest.mark.anyio
 
 
 def dead_letters(admin: Admin, queue: str) -> int:
@@ -56,8 +49,8 @@ def cleanup_retry_queues(admin: Admin, queue: str, delays_ms: list[int]) -> None
     admin.delete(*(f"{queue}.retry.{ms}ms" for ms in delays_ms))
 
 
-def test_a_poison_message_is_tried_max_attempts_times_at_the_policy_delays(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_a_poison_message_is_tried_max_attempts_times_at_the_policy_delays(
+    queue_name: str, admin: Admin, tmp_path: Path, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     policy = RetryPolicy(max_attempts=4, delays=(0.5, 1.0, 1.5))
@@ -72,18 +65,14 @@ def test_a_poison_message_is_tried_max_attempts_times_at_the_policy_delays(
             raise ValueError("this message can never be handled")
         good.append(message.body)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path)) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             await admin.run(admin.publish, queue_name, [b"poison"])
             # Other messages keep flowing while the poison one waits between attempts.
             for n in range(5):
                 await asyncio.sleep(0.3)
                 await admin.run(admin.publish, queue_name, [f"good {n}".encode()])
             await eventually(lambda: worker.stats.dead_lettered == 1, within=20, what="the DLQ")
-        return worker
-
-    try:
-        worker = asyncio.run(scenario())
     finally:
         cleanup_retry_queues(admin, queue_name, [500, 1000, 1500])
     assert len(attempts) == 4
@@ -105,8 +94,8 @@ def test_a_poison_message_is_tried_max_attempts_times_at_the_policy_delays(
     assert "x-death" not in headers
 
 
-def test_a_transient_failure_ends_acked_once_with_no_dead_letter(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_a_transient_failure_ends_acked_once_with_no_dead_letter(
+    queue_name: str, admin: Admin, tmp_path: Path, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"flaky"])
@@ -120,12 +109,8 @@ def test_a_transient_failure_ends_acked_once_with_no_dead_letter(
         if attempt <= 2:
             raise ConnectionError("downstream briefly unavailable")
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path)) as worker:
-            await eventually(lambda: seen == [1, 2, 3] and worker.in_flight == 0, what="success")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        await eventually(lambda: seen == [1, 2, 3] and worker.in_flight == 0, what="success")
     assert worker.stats.retried == 2
     assert worker.stats.dead_lettered == 0
     assert admin.counts(queue_name) == (0, 0)
@@ -134,8 +119,8 @@ def test_a_transient_failure_ends_acked_once_with_no_dead_letter(
         admin.delete(name)
 
 
-def test_retry_with_an_explicit_delay_and_permanent_errors(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_retry_with_an_explicit_delay_and_permanent_errors(
+    queue_name: str, admin: Admin, tmp_path: Path, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"later", b"bad-input", b"refused"])
@@ -152,15 +137,12 @@ def test_retry_with_an_explicit_delay_and_permanent_errors(
         if message.body == b"refused":
             raise Reject("unknown order type")
 
-    async def scenario() -> None:
-        async with Worker(app, settings(tmp_path)) as worker:
+    try:
+        async with Worker(app, make_settings()) as worker:
             await eventually(
                 lambda: len(times.get(b"later", [])) == 2 and worker.stats.dead_lettered == 2,
                 what="the retry and two dead letters",
             )
-
-    try:
-        asyncio.run(scenario())
     finally:
         admin.delete(f"{queue_name}.retry.700ms", f"{queue_name}.retry.30000ms")
     first, second = times[b"later"]
@@ -174,8 +156,8 @@ def test_retry_with_an_explicit_delay_and_permanent_errors(
     assert reasons == {b"bad-input": "KeyError: 'customer_id'", b"refused": "unknown order type"}
 
 
-def test_messages_waiting_in_retry_queues_survive_a_killed_consumer(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_messages_waiting_in_retry_queues_survive_a_killed_consumer(
+    queue_name: str, admin: Admin, tmp_path: Path, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [f"m{n}".encode() for n in range(5)])
@@ -188,22 +170,14 @@ def test_messages_waiting_in_retry_queues_survive_a_killed_consumer(
         if not message.redelivered and "x-steadyrabbit-attempts" not in message.headers:
             raise TimeoutError("first try always fails")
 
-    async def first_life() -> Worker:
-        worker = Worker(app, settings(tmp_path))
-        await worker.start()
-        await eventually(lambda: worker.stats.retried == 5, what="5 retries scheduled")
-        await worker.abort()  # killed while all five wait in the retry queue
-        return worker
-
-    async def second_life() -> Worker:
-        async with Worker(app, settings(tmp_path)) as worker:
-            await eventually(lambda: worker.stats.acked == 5, within=20, what="5 acks")
-        return worker
-
     try:
-        asyncio.run(first_life())
+        first = Worker(app, make_settings())
+        await first.start()
+        await eventually(lambda: first.stats.retried == 5, what="5 retries scheduled")
+        await first.abort()  # killed while all five wait in the retry queue
         assert admin.counts(f"{queue_name}.retry.2000ms") == (5, 0)
-        asyncio.run(second_life())
+        async with Worker(app, make_settings()) as second:
+            await eventually(lambda: second.stats.acked == 5, within=20, what="5 acks")
     finally:
         admin.delete(f"{queue_name}.retry.2000ms")
     assert handled == {f"m{n}".encode(): 2 for n in range(5)}
@@ -263,63 +237,63 @@ def test_a_handler_that_kills_its_process_every_time_ends_in_the_dead_letter_que
     admin.delete(f"{queue_name}.retry.100ms")
 
 
-def test_a_dead_letter_queue_with_other_arguments_is_a_clear_error(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_a_dead_letter_queue_with_other_arguments_is_a_clear_error(
+    queue_name: str, admin: Admin, tmp_path: Path, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.declare(f"{queue_name}.dlq", arguments={"x-queue-type": "quorum"})
     app = App()
     app.add_consumer(lambda message: None, queue_name)
 
-    async def scenario() -> None:
-        await Worker(app, settings(tmp_path)).start()
-
     with pytest.raises(TopologyConflictError) as info:
-        asyncio.run(scenario())
+        await Worker(app, make_settings()).start()
     message = str(info.value)
     assert f"queue '{queue_name}.dlq' already exists with x-queue-type = 'quorum'" in message
     assert "steadyrabbit declares it with x-queue-type = (not set)" in message
     assert "change the setting" in message
 
 
-def test_a_retry_queue_with_another_ttl_is_a_clear_error(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_a_retry_queue_with_another_ttl_is_a_clear_error(
+    queue_name: str, admin: Admin, tmp_path: Path, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     admin.declare(f"{queue_name}.retry.5000ms", arguments={"x-message-ttl": 1234})
     app = App()
     app.add_consumer(lambda message: None, queue_name, retry=RetryPolicy(delays=(5,)))
 
-    async def scenario() -> None:
-        await Worker(app, settings(tmp_path)).start()
-
     try:
         with pytest.raises(TopologyConflictError, match="x-message-ttl = '1234'"):
-            asyncio.run(scenario())
+            await Worker(app, make_settings()).start()
     finally:
         admin.delete(f"{queue_name}.retry.5000ms")
 
 
-def test_retries_on_quorum_queues(queue_name: str, admin: Admin, tmp_path: Path) -> None:
+async def test_retries_on_quorum_queues(
+    queue_name: str, admin: Admin, tmp_path: Path, make_settings: MakeSettings
+) -> None:
     admin.declare(queue_name, arguments={"x-queue-type": "quorum"})
     admin.publish(queue_name, [b"x"])
     seen: list[float] = []
-    app = App(queue_type="quorum", retry=RetryPolicy(max_attempts=3, delays=(0.3,)))
+    settled = Settled()
+    app = App(
+        queue_type="quorum",
+        retry=RetryPolicy(max_attempts=3, delays=(0.3,)),
+        middleware=[settled],
+    )
 
     @app.consumer(queue_name)
     async def handle(message: Message) -> None:
         seen.append(time.monotonic())
         raise RuntimeError("always")
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path)) as worker:
-            await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
-        return worker
-
     try:
-        asyncio.run(scenario())
+        async with Worker(app, make_settings()):
+            await settled.wait_for(1, Outcome.DEAD_LETTER)
     finally:
         admin.delete(f"{queue_name}.retry.300ms")
     assert len(seen) == 3
+    assert [(d.outcome, d.attempt) for _, d in settled.decisions] == [
+        (Outcome.RETRY, 1), (Outcome.RETRY, 2), (Outcome.DEAD_LETTER, 3),
+    ]
     [(props, _)] = admin.drain(f"{queue_name}.dlq")
     assert (props.headers or {})["x-steadyrabbit-attempts"] == 3
