@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,16 +35,23 @@ from steadyrabbit import (
     Worker,
 )
 from tests._broker import BrokerNode
-from tests.conftest import MAIN_URL, Admin, eventually
+from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "metrics-Pa55-d1stinct"
 
 
-def settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"urls": (MAIN_URL,), "connect_timeout": 10.0, "metrics_port": 0}
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def metrics_settings(make_settings: MakeSettings) -> MakeSettings:
+    """``make_settings`` with the metrics endpoint on a free port."""
+
+    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
+        return make_settings(url, **{"metrics_port": 0, **overrides})
+
+    return make
 
 
 @dataclass(frozen=True)
@@ -101,13 +109,14 @@ async def scrape(worker: Worker) -> Samples:
 # -- counters and the histogram after real traffic ----------------------------------------------
 
 
-def test_counters_and_handler_durations_after_handling_messages(
-    queue_name: str, admin: Admin
+async def test_counters_and_handler_durations_after_handling_messages(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name)
     bodies = [b"ok"] * 6 + [b"reject", b"retry", b"boom"]
     admin.publish(queue_name, bodies)
-    app = App(retry=RetryPolicy(permanent=(ValueError,)))
+    settled = Settled()
+    app = App(retry=RetryPolicy(permanent=(ValueError,)), middleware=[settled])
 
     @app.consumer(queue_name, concurrency=3)
     async def handle(message: Message) -> None:
@@ -119,12 +128,9 @@ def test_counters_and_handler_durations_after_handling_messages(
             raise ValueError("permanent")  # a handler error, dead-lettered at once
         await asyncio.sleep(0.02)
 
-    async def scenario() -> tuple[Worker, Samples]:
-        async with Worker(app, settings()) as worker:
-            await eventually(lambda: worker.stats.acked == 9, what="9 acks")
-            return worker, await scrape(worker)
-
-    worker, samples = asyncio.run(scenario())
+    async with Worker(app, metrics_settings()) as worker:
+        await settled.wait_for(9)
+        samples = await scrape(worker)
     assert worker.metrics_address is None, "stopped with the worker"
     assert samples("steadyrabbit_messages_delivered_total") == 9
     assert samples("steadyrabbit_messages_acked_total") == 9
@@ -161,8 +167,8 @@ def test_counters_and_handler_durations_after_handling_messages(
     assert "guest:guest" not in samples.text
 
 
-def test_in_flight_and_the_age_of_the_oldest_unacked_delivery(
-    queue_name: str, admin: Admin
+async def test_in_flight_and_the_age_of_the_oldest_unacked_delivery(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
 ) -> None:
     """One slow handler running, one message waiting in prefetch: both are unacked, and the
     age is that of the oldest delivery, which is what the broker's consumer_timeout measures."""
@@ -176,17 +182,14 @@ def test_in_flight_and_the_age_of_the_oldest_unacked_delivery(
         if message.body == b"slow":
             await release.wait()
 
-    async def scenario() -> tuple[Samples, Samples]:
-        async with Worker(app, settings(consumer_timeout=600)) as worker:
-            [consumer] = worker.consumers
-            await eventually(lambda: consumer.in_flight == 1 and consumer.waiting == 1)
-            await asyncio.sleep(0.5)
-            during = await scrape(worker)
-            release.set()
-            await eventually(lambda: worker.stats.acked == 2, what="2 acks")
-            return during, await scrape(worker)
-
-    during, after = asyncio.run(scenario())
+    async with Worker(app, metrics_settings(consumer_timeout=600)) as worker:
+        [consumer] = worker.consumers
+        await eventually(lambda: consumer.in_flight == 1 and consumer.waiting == 1)
+        await asyncio.sleep(0.5)
+        during = await scrape(worker)
+        release.set()
+        await eventually(lambda: worker.stats.acked == 2, what="2 acks")
+        after = await scrape(worker)
     queue = {"queue": queue_name}
     assert during("steadyrabbit_in_flight_messages", **queue) == 1
     assert during("steadyrabbit_prefetched_messages", **queue) == 1
@@ -200,7 +203,9 @@ def test_in_flight_and_the_age_of_the_oldest_unacked_delivery(
     assert after("steadyrabbit_handler_duration_seconds_sum", **queue) >= 0.5
 
 
-def test_seconds_since_the_last_broker_traffic(queue_name: str, admin: Admin) -> None:
+async def test_seconds_since_the_last_broker_traffic(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     """Without heartbeats an idle connection receives nothing: the age grows; a delivery
     resets it."""
     admin.declare(queue_name)
@@ -213,22 +218,21 @@ def test_seconds_since_the_last_broker_traffic(queue_name: str, admin: Admin) ->
     def age(samples: Samples) -> float:
         return samples("steadyrabbit_broker_traffic_age_seconds", connection="consume")
 
-    async def scenario() -> None:
-        async with Worker(app, settings(heartbeat=0)) as worker:
-            await scrape(worker)  # the first look
-            await asyncio.sleep(0.6)
-            assert age(await scrape(worker)) >= 0.6
-            await admin.run(admin.publish, queue_name, [b"traffic"])
-            await eventually(lambda: worker.stats.acked == 1, what="the ack")
-            assert age(await scrape(worker)) < 0.5
-
-    asyncio.run(scenario())
+    async with Worker(app, metrics_settings(heartbeat=0)) as worker:
+        await scrape(worker)  # the first look
+        await asyncio.sleep(0.6)
+        assert age(await scrape(worker)) >= 0.6
+        await admin.run(admin.publish, queue_name, [b"traffic"])
+        await eventually(lambda: worker.stats.acked == 1, what="the ack")
+        assert age(await scrape(worker)) < 0.5
 
 
 # -- /healthz, /readyz and HTTP details ----------------------------------------------------------
 
 
-def test_health_endpoints_and_http_errors(queue_name: str, admin: Admin) -> None:
+async def test_health_endpoints_and_http_errors(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     app = App()
 
@@ -244,44 +248,43 @@ def test_health_endpoints_and_http_errors(queue_name: str, admin: Admin) -> None
                 chunks.append(chunk)
             return b"".join(chunks)
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
-            address = worker.metrics_address
-            assert address is not None
-            assert address[0] == "127.0.0.1", "loopback by default"
-            health = await get(worker, "/healthz")
-            assert health == Response(200, "ok\n", "text/plain; charset=utf-8")
-            assert (await get(worker, "/readyz")).status == 200
-            assert (await get(worker, "/readyz?verbose=1")).status == 200
-            missing = await get(worker, "/nope")
-            assert missing.status == 404
-            assert "/metrics" in missing.body
-            assert (await get(worker, "/metrics", "POST")).status == 405
-            head = await get(worker, "/metrics", "HEAD")
-            assert (head.status, head.body) == (200, "")
-            garbage = await asyncio.to_thread(raw, address, b"hello\r\n\r\n")
-            assert garbage.startswith(b"HTTP/1.1 400 ")
-            try:
-                huge = await asyncio.to_thread(raw, address, b"GET /" + b"x" * 9000 + b" HTTP/1.1")
-            except ConnectionResetError:
-                pass  # closed with part of the request unread: the kernel resets
-            else:
-                assert huge.startswith(b"HTTP/1.1 400 ")
-            assert (await get(worker, "/healthz")).status == 200
-            # A client that connects and says nothing does not hold up the stop.
-            idle = socket.create_connection(address, timeout=10)
-            try:
-                started = time.monotonic()
-                await worker.stop()
-                assert time.monotonic() - started < 5
-                assert worker.metrics_address is None
-            finally:
-                idle.close()
-
-    asyncio.run(scenario())
+    async with Worker(app, metrics_settings()) as worker:
+        address = worker.metrics_address
+        assert address is not None
+        assert address[0] == "127.0.0.1", "loopback by default"
+        health = await get(worker, "/healthz")
+        assert health == Response(200, "ok\n", "text/plain; charset=utf-8")
+        assert (await get(worker, "/readyz")).status == 200
+        assert (await get(worker, "/readyz?verbose=1")).status == 200
+        missing = await get(worker, "/nope")
+        assert missing.status == 404
+        assert "/metrics" in missing.body
+        assert (await get(worker, "/metrics", "POST")).status == 405
+        head = await get(worker, "/metrics", "HEAD")
+        assert (head.status, head.body) == (200, "")
+        garbage = await asyncio.to_thread(raw, address, b"hello\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400 ")
+        try:
+            huge = await asyncio.to_thread(raw, address, b"GET /" + b"x" * 9000 + b" HTTP/1.1")
+        except ConnectionResetError:
+            pass  # closed with part of the request unread: the kernel resets
+        else:
+            assert huge.startswith(b"HTTP/1.1 400 ")
+        assert (await get(worker, "/healthz")).status == 200
+        # A client that connects and says nothing does not hold up the stop.
+        idle = socket.create_connection(address, timeout=10)
+        try:
+            started = time.monotonic()
+            await worker.stop()
+            assert time.monotonic() - started < 5
+            assert worker.metrics_address is None
+        finally:
+            idle.close()
 
 
-def test_readyz_is_503_with_the_reason_while_no_broker_answers() -> None:
+async def test_readyz_is_503_with_the_reason_while_no_broker_answers(
+    metrics_settings: MakeSettings
+) -> None:
     """The endpoint serves from the start of Worker.start, before any connection, and stops
     with the worker when the start fails."""
     app = App()
@@ -290,29 +293,28 @@ def test_readyz_is_503_with_the_reason_while_no_broker_answers() -> None:
     async def handle(message: Message) -> None:
         pass
 
-    unreachable = settings(urls=("amqp://guest:guest@127.0.0.1:1/%2F",), connect_timeout=3.0)
+    unreachable = metrics_settings("amqp://guest:guest@127.0.0.1:1/%2F", connect_timeout=3.0)
 
-    async def scenario() -> None:
-        worker = Worker(app, unreachable)
-        start = asyncio.ensure_future(worker.start())
-        await eventually(lambda: worker.metrics_address is not None, what="the endpoint")
-        assert (await get(worker, "/healthz")).status == 200
-        ready = await get(worker, "/readyz")
-        assert ready == Response(
-            503, "not ready: not connected to the broker (connecting)\n", ready.content_type
-        )
-        samples = await scrape(worker)
-        assert samples("steadyrabbit_ready") == 0
-        assert samples("steadyrabbit_connected", connection="consume") == 0
-        assert samples("steadyrabbit_consumer_ready", queue="never-consumed") == 0
-        with pytest.raises(BrokerUnreachableError):
-            await start
-        assert worker.metrics_address is None
-
-    asyncio.run(scenario())
+    worker = Worker(app, unreachable)
+    start = asyncio.ensure_future(worker.start())
+    await eventually(lambda: worker.metrics_address is not None, what="the endpoint")
+    assert (await get(worker, "/healthz")).status == 200
+    ready = await get(worker, "/readyz")
+    assert ready == Response(
+        503, "not ready: not connected to the broker (connecting)\n", ready.content_type
+    )
+    samples = await scrape(worker)
+    assert samples("steadyrabbit_ready") == 0
+    assert samples("steadyrabbit_connected", connection="consume") == 0
+    assert samples("steadyrabbit_consumer_ready", queue="never-consumed") == 0
+    with pytest.raises(BrokerUnreachableError):
+        await start
+    assert worker.metrics_address is None
 
 
-def test_a_metrics_port_in_use_stops_the_worker_before_it_connects() -> None:
+async def test_a_metrics_port_in_use_stops_the_worker_before_it_connects(
+    metrics_settings: MakeSettings
+) -> None:
     app = App()
 
     @app.consumer("never-consumed")
@@ -324,16 +326,13 @@ def test_a_metrics_port_in_use_stops_the_worker_before_it_connects() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         # No broker there: the port is checked first.
-        busy = settings(urls=("amqp://guest:guest@127.0.0.1:1/%2F",), metrics_port=port)
+        busy = metrics_settings("amqp://guest:guest@127.0.0.1:1/%2F", metrics_port=port)
 
-        async def scenario() -> None:
-            worker = Worker(app, busy)
-            with pytest.raises(
-                ConfigurationError, match=f"cannot serve metrics on 127.0.0.1:{port}"
-            ):
-                await worker.start()
-
-        asyncio.run(scenario())
+        worker = Worker(app, busy)
+        with pytest.raises(
+            ConfigurationError, match=f"cannot serve metrics on 127.0.0.1:{port}"
+        ):
+            await worker.start()
 
 
 def test_metrics_are_off_by_default_and_not_even_imported() -> None:
@@ -361,8 +360,11 @@ def private_user(private_node: BrokerNode) -> Iterator[str]:
 
 
 @pytest.mark.private_node
-def test_readyz_and_reconnects_follow_a_connection_closed_by_the_broker(
-    private_node: BrokerNode, private_admin: Admin, private_user: str
+async def test_readyz_and_reconnects_follow_a_connection_closed_by_the_broker(
+    private_node: BrokerNode,
+    private_admin: Admin,
+    private_user: str,
+    metrics_settings: MakeSettings,
 ) -> None:
     queue = "metrics-readyz"
     private_admin.delete(queue, f"{queue}.dlq")
@@ -372,7 +374,7 @@ def test_readyz_and_reconnects_follow_a_connection_closed_by_the_broker(
     async def handle(message: Message) -> None:
         pass
 
-    recovering = settings(
+    recovering = metrics_settings(
         urls=(private_user,),
         heartbeat=5,
         # The worker stays down for 1-2 s, long enough to be seen not ready.
@@ -381,7 +383,7 @@ def test_readyz_and_reconnects_follow_a_connection_closed_by_the_broker(
     )
     texts: list[str] = []
 
-    async def scenario() -> Worker:
+    try:
         async with Worker(app, recovering) as worker:
             ready = await get(worker, "/readyz")
             assert (ready.status, ready.body) == (200, "ready\n")
@@ -418,10 +420,6 @@ def test_readyz_and_reconnects_follow_a_connection_closed_by_the_broker(
             user = private_user.split("://")[1].split(":")[0]
             shown = f"amqp://{user}:****@127.0.0.1:{private_node.port}/%2F"
             assert after("steadyrabbit_broker_info", connection="consume", broker=shown) == 1
-        return worker
-
-    try:
-        asyncio.run(scenario())
     finally:
         private_admin.delete(queue, f"{queue}.dlq")
     for text in texts:
@@ -508,7 +506,6 @@ def start(log: Path, *args: str) -> subprocess.Popen[bytes]:
         )
 
 
-@pytest.mark.anyio
 async def test_relay_serves_metrics_on_a_free_port_it_logs(
     queue_name: str, admin: Admin, tmp_path: Path
 ) -> None:
