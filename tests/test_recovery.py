@@ -14,23 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from steadyrabbit import App, Message, RetryPolicy, Settings, Worker
+from steadyrabbit import App, Message, RetryPolicy, Worker
 from tests._broker import BrokerNode
-from tests.conftest import Admin, eventually
+from tests.conftest import Admin, MakeSettings, Settled, eventually
 
-pytestmark = pytest.mark.private_node
-
-
-def settings(node: BrokerNode, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "urls": (node.url,),
-        "connect_timeout": 10.0,
-        "heartbeat": 5,
-        "reconnect_delay": 0.2,
-        "reconnect_delay_max": 2.0,
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+pytestmark = [pytest.mark.private_node, pytest.mark.anyio]
 
 
 @pytest.fixture
@@ -40,8 +28,8 @@ def queue(private_admin: Admin, request: pytest.FixtureRequest) -> str:
     return name
 
 
-def test_seed1_backlog_with_a_slow_handler_never_trips_consumer_timeout(
-    private_node: BrokerNode, private_admin: Admin, queue: str
+async def test_seed1_backlog_with_a_slow_handler_never_trips_consumer_timeout(
+    private_node: BrokerNode, private_admin: Admin, queue: str, node_settings: MakeSettings
 ) -> None:
     """The seed's setup: durable queue on a topic exchange, JSON bodies, a slow call per message,
     a backlog. Unlimited prefetch would leave messages unacked past consumer_timeout (5 s);
@@ -59,16 +47,12 @@ def test_seed1_backlog_with_a_slow_handler_never_trips_consumer_timeout(
 
     bodies = [json.dumps({"contract": n}).encode() for n in range(20)]
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(private_node)) as worker:
+    try:
+        async with Worker(app, node_settings()) as worker:
             await private_admin.run(
                 private_admin.publish, queue, bodies, exchange=exchange, routing_key=key
             )
             await eventually(lambda: worker.stats.acked == 20, within=80, what="20 acks")
-        return worker
-
-    try:
-        worker = asyncio.run(scenario())
     finally:
         private_admin.delete_exchange(exchange)
     assert calls == dict.fromkeys(range(20), 1), "every message handled exactly once"
@@ -78,8 +62,8 @@ def test_seed1_backlog_with_a_slow_handler_never_trips_consumer_timeout(
 
 
 @pytest.mark.slow
-def test_prefetched_messages_that_age_toward_consumer_timeout_go_back_unstarted(
-    private_node: BrokerNode, private_admin: Admin, queue: str
+async def test_prefetched_messages_that_age_toward_consumer_timeout_go_back_unstarted(
+    private_node: BrokerNode, private_admin: Admin, queue: str, node_settings: MakeSettings
 ) -> None:
     """An explicit prefetch above the concurrency: messages waiting in this process are returned
     to the queue before they reach the broker's consumer_timeout, so no channel is closed."""
@@ -93,20 +77,16 @@ def test_prefetched_messages_that_age_toward_consumer_timeout_go_back_unstarted(
         calls[message.body] = calls.get(message.body, 0) + 1
         time.sleep(1.5)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(private_node, consumer_timeout=5)) as worker:
-            await eventually(lambda: worker.stats.acked == 6, within=60, what="6 acks")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, node_settings(consumer_timeout=5)) as worker:
+        await eventually(lambda: worker.stats.acked == 6, within=60, what="6 acks")
     assert worker.stats.requeued_aged >= 1
     assert worker.stats.channel_recoveries == 0
     assert calls == {str(n).encode(): 1 for n in range(6)}
 
 
 @pytest.mark.slow
-def test_a_channel_closed_by_consumer_timeout_is_reopened_and_the_late_ack_dropped(
-    private_node: BrokerNode, private_admin: Admin, queue: str
+async def test_a_channel_closed_by_consumer_timeout_is_reopened_and_the_late_ack_dropped(
+    private_node: BrokerNode, private_admin: Admin, queue: str, node_settings: MakeSettings
 ) -> None:
     """A handler outruns consumer_timeout: the broker closes the channel with
     PRECONDITION_FAILED and requeues. The consumer reopens the channel on the same connection;
@@ -122,15 +102,11 @@ def test_a_channel_closed_by_consumer_timeout_is_reopened_and_the_late_ack_dropp
         if len(attempts) == 1:
             time.sleep(8)  # past the 5 s consumer_timeout
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(private_node)) as worker:
-            await eventually(
-                lambda: worker.stats.stale_settlements_dropped == 1, within=30, what="the drop"
-            )
-            await eventually(lambda: worker.stats.acked == 2, within=30, what="2 acks")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, node_settings()) as worker:
+        await eventually(
+            lambda: worker.stats.stale_settlements_dropped == 1, within=30, what="the drop"
+        )
+        await eventually(lambda: worker.stats.acked == 2, within=30, what="2 acks")
     assert worker.stats.channel_recoveries == 1
     assert worker.stats.reconnect_count == 0, "the connection itself stayed up"
     assert attempts[0] == (b"first", False)
@@ -138,8 +114,8 @@ def test_a_channel_closed_by_consumer_timeout_is_reopened_and_the_late_ack_dropp
     assert private_admin.counts(queue) == (0, 0)
 
 
-def test_connections_closed_by_the_broker_under_running_handlers_recover(
-    private_node: BrokerNode, private_admin: Admin, queue: str
+async def test_connections_closed_by_the_broker_under_running_handlers_recover(
+    private_node: BrokerNode, private_admin: Admin, queue: str, node_settings: MakeSettings
 ) -> None:
     private_admin.declare(queue)
     bodies = [str(n).encode() for n in range(6)]
@@ -155,20 +131,16 @@ def test_connections_closed_by_the_broker_under_running_handlers_recover(
         release.wait(30)
         done.append(message.body)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(private_node)) as worker:
-            for _ in range(2):
-                assert await asyncio.to_thread(running.acquire, True, 10)
-            await asyncio.to_thread(private_node.close_all_connections, "test: forced")
-            await eventually(lambda: worker.stats.reconnect_count >= 1, what="a reconnect")
-            await eventually(lambda: worker.ready, what="recovery")
-            release.set()
-            await eventually(
-                lambda: private_admin.counts(queue) == (0, 1), within=30, what="an empty queue"
-            )
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, node_settings()) as worker:
+        for _ in range(2):
+            assert await asyncio.to_thread(running.acquire, True, 10)
+        await asyncio.to_thread(private_node.close_all_connections, "test: forced")
+        await eventually(lambda: worker.stats.reconnect_count >= 1, what="a reconnect")
+        await eventually(lambda: worker.ready, what="recovery")
+        release.set()
+        await eventually(
+            lambda: private_admin.counts(queue) == (0, 1), within=30, what="an empty queue"
+        )
     # The two handlers that ran across the cut finished on a dead channel: their acks were
     # dropped, and their messages were redelivered and acked on the new channel.
     assert worker.stats.stale_settlements_dropped == 2
@@ -178,36 +150,38 @@ def test_connections_closed_by_the_broker_under_running_handlers_recover(
     assert private_admin.counts(queue) == (0, 0)
 
 
-def test_consuming_resumes_after_a_broker_restart(
-    private_node: BrokerNode, private_admin: Admin, queue: str
+async def test_consuming_resumes_after_a_broker_restart(
+    private_node: BrokerNode, private_admin: Admin, queue: str, node_settings: MakeSettings
 ) -> None:
     private_admin.declare(queue)
     seen: list[bytes] = []
-    app = App()
+    settled = Settled()
+    app = App(middleware=[settled])
 
     @app.consumer(queue)
     async def handle(message: Message) -> None:
         seen.append(message.body)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(private_node)) as worker:
-            await private_admin.run(private_admin.publish, queue, [b"before"])
-            await eventually(lambda: worker.stats.acked == 1, what="the first ack")
-            await asyncio.to_thread(private_node.stop_app)
-            await eventually(lambda: not worker.ready, what="the loss to be noticed")
-            await asyncio.to_thread(private_node.start_app)
-            await eventually(lambda: worker.ready, within=60, what="recovery")
-            await private_admin.run(private_admin.publish, queue, [b"after"])
-            await eventually(lambda: worker.stats.acked == 2, what="the second ack")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, node_settings()) as worker:
+        await private_admin.run(private_admin.publish, queue, [b"before"])
+        await settled.wait_for(1)
+        await asyncio.to_thread(private_node.stop_app)
+        await eventually(lambda: not worker.ready, what="the loss to be noticed")
+        await asyncio.to_thread(private_node.start_app)
+        await eventually(lambda: worker.ready, within=60, what="recovery")
+        await private_admin.run(private_admin.publish, queue, [b"after"])
+        await settled.wait_for(2)
     assert seen == [b"before", b"after"]
+    assert worker.stats.acked == 2
     assert worker.stats.reconnect_count >= 1
 
 
-def test_a_handler_that_finishes_while_its_connection_dies_is_not_blamed(
-    private_node: BrokerNode, private_admin: Admin, queue: str, tmp_path: Path
+async def test_a_handler_that_finishes_while_its_connection_dies_is_not_blamed(
+    private_node: BrokerNode,
+    private_admin: Admin,
+    queue: str,
+    tmp_path: Path,
+    node_settings: MakeSettings,
 ) -> None:
     """Classic queue, no process crash: the connection is closed under a running sync handler
     (a broker-side limit, a proxy) which then finishes. A handler that finished is not a crash,
@@ -223,12 +197,8 @@ def test_a_handler_that_finishes_while_its_connection_dies_is_not_blamed(
         if len(runs) <= 4:
             private_node.close_all_connections("test: lost under a running handler")
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(private_node, state_dir=tmp_path)) as worker:
-            await eventually(lambda: worker.stats.acked == 1, within=60, what="the ack")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, node_settings(state_dir=tmp_path)) as worker:
+        await eventually(lambda: worker.stats.acked == 1, within=60, what="the ack")
     assert runs == [False, True, True, True, True]
     assert worker.stats.dead_lettered == 0
     assert worker.stats.reconnect_count >= 4
