@@ -23,6 +23,15 @@ USER_ID = "x-steadyrabbit-user-id"
 QUORUM_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
 
 
+def header_text(value: object) -> str | None:
+    """A header value as text (AMQP long strings arrive as bytes); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
 def attempts(headers: Mapping[str, Any] | None) -> int:
     """Failed attempts recorded on a message; 0 for a first delivery or a malformed header."""
     value = (headers or {}).get(ATTEMPTS)

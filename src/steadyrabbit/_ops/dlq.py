@@ -160,12 +160,7 @@ class ReplayResult:
 # -- reading headers ---------------------------------------------------------------------------
 
 
-def _text(value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
+_text = headers.header_text
 
 
 def _attempts(value: object) -> int | None:

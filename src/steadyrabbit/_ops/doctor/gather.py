@@ -22,6 +22,7 @@ import httpx
 
 from ..._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection, first_connection
 from ..._errors import ChannelClosedError, ConfigurationError
+from ..._headers import header_text
 from ..._settings import Settings
 from ..._topology import dead_letter_queue_name, retry_queue_pattern
 from .management import (
@@ -104,12 +105,7 @@ class _Channels:
             self._channel.close()
 
 
-def _text(value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
+_text = header_text
 
 
 def _server(properties: dict[str, Any]) -> ServerReport:
