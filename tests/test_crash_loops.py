@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
@@ -24,7 +25,7 @@ import pytest
 from steadyrabbit import App, ConfigurationError, Message, RetryPolicy, Settings, Worker
 from steadyrabbit._headers import REASON
 from tests._broker import BrokerNode, close_main_broker_connections
-from tests.conftest import MAIN_URL, Admin, eventually
+from tests.conftest import MAIN_URL, Admin, MakeSettings, eventually
 from tests.test_retry import dead_letters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,17 +40,24 @@ async def reset_consume_connection(worker: Worker) -> None:
     assert closed == 1
 
 
-def settings(tmp_path: Path, url: str = MAIN_URL, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "name": f"sr-crash-{uuid.uuid4().hex[:8]}",
-        "urls": (url,),
-        "connect_timeout": 10.0,
-        "state_dir": tmp_path / "state",
-        "reconnect_delay": 0.2,
-        "reconnect_delay_max": 1.0,
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def crash_settings(make_settings: MakeSettings) -> MakeSettings:
+    """``make_settings`` with a worker name of its own (``reset_consume_connection`` finds the
+    connection by it) and reconnects from 0.2 s up to 1 s."""
+
+    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "name": f"sr-crash-{uuid.uuid4().hex[:8]}",
+            "reconnect_delay": 0.2,
+            "reconnect_delay_max": 1.0,
+        }
+        values.update(overrides)
+        return make_settings(url, **values)
+
+    return make
 
 
 def test_a_process_killer_does_not_take_its_neighbours_into_the_dead_letter_queue(
@@ -103,8 +111,8 @@ def test_a_process_killer_does_not_take_its_neighbours_into_the_dead_letter_queu
 
 @pytest.mark.slow
 @pytest.mark.private_node
-def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
-    private_node: BrokerNode, private_admin: Admin, tmp_path: Path
+async def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
+    private_node: BrokerNode, private_admin: Admin, tmp_path: Path, crash_settings: MakeSettings
 ) -> None:
     """Issue 8.13: a 7 s job under consumer_timeout 5 s finishes, but the broker closed the
     channel first and the ack is dropped. It ran again and again and was dead-lettered as a
@@ -121,14 +129,10 @@ def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
         time.sleep(7)
         completions.append(message.redelivered)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path, private_node.url, heartbeat=5)) as worker:
+    try:
+        async with Worker(app, crash_settings(private_node.url, heartbeat=5)) as worker:
             await eventually(lambda: len(completions) >= 3, within=90, what="three completions")
             await worker.stop(grace_period=0)
-        return worker
-
-    try:
-        worker = asyncio.run(scenario())
         assert worker.stats.dead_lettered == 0
         assert worker.stats.stale_settlements_dropped >= 3
         assert private_admin.counts(f"{queue}.dlq") == (0, 0)
@@ -138,8 +142,8 @@ def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
 
 @pytest.mark.slow
 @pytest.mark.private_node
-def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_queue(
-    private_node: BrokerNode, private_admin: Admin, tmp_path: Path
+async def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_queue(
+    private_node: BrokerNode, private_admin: Admin, tmp_path: Path, crash_settings: MakeSettings
 ) -> None:
     """Issue 8.3: an async handler sleeps 6 s without awaiting, heartbeat 1 s: the broker drops
     the connection, the message comes back. It looped forever and each run counted as a
@@ -163,17 +167,13 @@ def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_queue(
     async def fine(message: Message) -> None:
         others.append(message.body)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path, private_node.url, heartbeat=1)) as worker:
+    try:
+        async with Worker(app, crash_settings(private_node.url, heartbeat=1)) as worker:
             await eventually(
                 lambda: worker.stats.dead_lettered == 1, within=90, what="the dead letter"
             )
             await private_admin.run(private_admin.publish, other, [b"after"])
             await eventually(lambda: others == [b"after"], what="the other queue's message")
-        return worker
-
-    try:
-        worker = asyncio.run(scenario())
         assert runs == [False, True, True]
         counts = {c.spec.queue: c.counts for c in worker.consumers}
         assert counts[queue].succeeded == 0
@@ -184,8 +184,8 @@ def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_queue(
             private_admin.delete(name, f"{name}.dlq")
 
 
-def test_requeues_of_unstarted_messages_are_not_crashes_on_a_quorum_queue(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_requeues_of_unstarted_messages_are_not_crashes_on_a_quorum_queue(
+    queue_name: str, admin: Admin, tmp_path: Path, crash_settings: MakeSettings
 ) -> None:
     """Issue 8.10: x-delivery-count also counts requeues of messages that never started
     (shutdown, aged prefetch): six of them made the next delivery a "crash loop" without a
@@ -205,18 +205,14 @@ def test_requeues_of_unstarted_messages_are_not_crashes_on_a_quorum_queue(
     async def handle(message: Message) -> None:
         handled.append(message.body)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path)) as worker:
-            await eventually(lambda: worker.stats.acked == 1, what="the ack")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, crash_settings()) as worker:
+        await eventually(lambda: worker.stats.acked == 1, what="the ack")
     assert handled == [b"requeued six times"]
     assert worker.stats.dead_lettered == 0
 
 
-def test_distinct_messages_with_the_same_body_are_not_one_crash_loop(
-    queue_name: str, admin: Admin, tmp_path: Path
+async def test_distinct_messages_with_the_same_body_are_not_one_crash_loop(
+    queue_name: str, admin: Admin, tmp_path: Path, crash_settings: MakeSettings
 ) -> None:
     """Issue 8.11: without a message_id, six distinct messages with the same body, redelivered
     after one connection reset, were dead-lettered as a crash loop. Now all six are handled."""
@@ -231,23 +227,19 @@ def test_distinct_messages_with_the_same_body_are_not_one_crash_loop(
             await release.wait()  # in flight when the connection is reset
         handled.append(message.redelivered)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path)) as worker:
-            await admin.run(admin.publish, queue_name, [b"same body"] * 6)
-            await eventually(lambda: worker.in_flight == 6, what="six in flight")
-            await reset_consume_connection(worker)
-            release.set()  # the first round finishes; its acks are dropped as stale
-            await eventually(lambda: handled.count(True) == 6, within=30, what="six handled")
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, crash_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"same body"] * 6)
+        await eventually(lambda: worker.in_flight == 6, what="six in flight")
+        await reset_consume_connection(worker)
+        release.set()  # the first round finishes; its acks are dropped as stale
+        await eventually(lambda: handled.count(True) == 6, within=30, what="six handled")
     assert sorted(handled) == [False] * 6 + [True] * 6
     assert worker.stats.dead_lettered == 0
     assert admin.counts(f"{queue_name}.dlq") == (0, 0)
 
 
-def test_an_unusable_state_directory_stops_the_worker_in_one_sentence(
-    queue_name: str, tmp_path: Path
+async def test_an_unusable_state_directory_stops_the_worker_in_one_sentence(
+    queue_name: str, tmp_path: Path, crash_settings: MakeSettings
 ) -> None:
     """Issue 8.4: a state directory that cannot hold the crash log was found out only by the
     first redelivered message. Now the worker refuses to start, naming the directory."""
@@ -256,17 +248,18 @@ def test_an_unusable_state_directory_stops_the_worker_in_one_sentence(
     app = App()
     app.add_consumer(lambda message: None, queue_name)
 
-    async def scenario() -> None:
-        await Worker(app, settings(tmp_path, state_dir=blocker / "state")).start()
-
     with pytest.raises(ConfigurationError) as caught:
-        asyncio.run(scenario())
+        await Worker(app, crash_settings(state_dir=blocker / "state")).start()
     assert str(blocker / "state") in str(caught.value)
     assert "\n" not in str(caught.value)
 
 
-def test_a_failing_crash_log_is_logged_and_the_message_still_handled(
-    queue_name: str, admin: Admin, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_a_failing_crash_log_is_logged_and_the_message_still_handled(
+    queue_name: str,
+    admin: Admin,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    crash_settings: MakeSettings,
 ) -> None:
     """Issue 8.4: while running, a crash-log error (here: the database locked by another
     process past the busy timeout) escaped and left the message unacked until
@@ -282,23 +275,19 @@ def test_a_failing_crash_log_is_logged_and_the_message_still_handled(
             await release.wait()
         handled.append(message.redelivered)
 
-    async def scenario() -> Worker:
-        async with Worker(app, settings(tmp_path)) as worker:
-            await admin.run(admin.publish, queue_name, [b"redelivered"])
-            await eventually(lambda: worker.in_flight == 1, what="the first start")
-            lock = sqlite3.connect(tmp_path / "state" / "deliveries.sqlite3", timeout=1)
-            lock.execute("BEGIN EXCLUSIVE")
-            try:
-                await reset_consume_connection(worker)
-                release.set()  # the first run finishes; its ack is dropped as stale
-                await eventually(lambda: True in handled, within=30, what="the redelivery")
-            finally:
-                lock.rollback()
-                lock.close()
-            await eventually(lambda: worker.stats.acked == 1, what="the ack")
-        return worker
-
-    asyncio.run(scenario())
+    async with Worker(app, crash_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"redelivered"])
+        await eventually(lambda: worker.in_flight == 1, what="the first start")
+        lock = sqlite3.connect(tmp_path / "state" / "deliveries.sqlite3", timeout=1)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            await reset_consume_connection(worker)
+            release.set()  # the first run finishes; its ack is dropped as stale
+            await eventually(lambda: True in handled, within=30, what="the redelivery")
+        finally:
+            lock.rollback()
+            lock.close()
+        await eventually(lambda: worker.stats.acked == 1, what="the ack")
     assert handled == [False, True]
     assert any("crash-loop log" in r.getMessage() for r in caplog.records)
     assert admin.counts(queue_name) == (0, 0)
