@@ -22,8 +22,8 @@ from typing import Any
 import pika.exceptions
 import pytest
 
-from steadyrabbit import App, Message, RetryPolicy, Settings, Worker
-from tests.conftest import MAIN_URL, Admin, eventually
+from steadyrabbit import App, Message, RetryPolicy, Worker
+from tests.conftest import MAIN_URL, Admin, MakeSettings, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_PREFIX = "steadyrabbit: error: "
@@ -286,13 +286,15 @@ async def _async_exit(message: Message) -> None:
         ),
     ],
 )
-def test_system_exit_in_a_handler_dead_letters_the_message_and_the_worker_goes_on(
+@pytest.mark.anyio
+async def test_system_exit_in_a_handler_dead_letters_the_message_and_the_worker_goes_on(
     admin: Admin,
     queue_name: str,
     tmp_path: Path,
     fail: Callable[[Message], Any],
     reason: str,
     policy: RetryPolicy,
+    make_settings: MakeSettings,
 ) -> None:
     admin.declare(queue_name)
     handled: list[bytes] = []
@@ -315,21 +317,16 @@ def test_system_exit_in_a_handler_dead_letters_the_message_and_the_worker_goes_o
                 fail(message)
             handled.append(message.body)
 
-    async def scenario() -> Worker:
-        settings = Settings(urls=(MAIN_URL,), connect_timeout=10, state_dir=tmp_path / "state")
-        async with Worker(app, settings) as worker:
-            failed = asyncio.ensure_future(worker.wait_failed())
-            await admin.run(admin.publish, queue_name, [b"exit", b"after"])
-            await eventually(
-                lambda: handled == [b"after"] and worker.stats.dead_lettered == 1,
-                within=10,
-                what="the dead letter and the next message handled",
-            )
-            assert not failed.done()
-            failed.cancel()
-        return worker
-
-    worker = asyncio.run(scenario())
+    async with Worker(app, make_settings()) as worker:
+        failed = asyncio.ensure_future(worker.wait_failed())
+        await admin.run(admin.publish, queue_name, [b"exit", b"after"])
+        await eventually(
+            lambda: handled == [b"after"] and worker.stats.dead_lettered == 1,
+            within=10,
+            what="the dead letter and the next message handled",
+        )
+        assert not failed.done()
+        failed.cancel()
     assert worker.stats.handler_errors == 1
     assert admin.counts(queue_name) == (0, 0)
     [(props, body)] = admin.drain(f"{queue_name}.dlq")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 from typing import Any
 
-from steadyrabbit import App, Message, Outcome, Reject, Settings, Worker
-from tests.conftest import MAIN_URL, Admin, eventually
+import pytest
+
+from steadyrabbit import App, Message, Outcome, Reject, Worker
+from tests.conftest import Admin, MakeSettings, eventually
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -22,8 +23,9 @@ def readme_example() -> dict[str, Any]:
     return namespace
 
 
-def test_the_readme_middleware_sees_every_messages_decision(
-    queue_name: str, admin: Admin
+@pytest.mark.anyio
+async def test_the_readme_middleware_sees_every_messages_decision(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
     example = readme_example()
     app: App = example["app"]
@@ -35,12 +37,9 @@ def test_the_readme_middleware_sees_every_messages_decision(
         if message.body == b"bad":
             raise Reject("bad")
 
-    async def scenario() -> None:
-        async with Worker(app, Settings(urls=(MAIN_URL,), connect_timeout=10.0)):
-            await admin.run(admin.publish, queue_name, [b"good", b"bad", b"good"])
-            await eventually(lambda: len(audit.decisions) == 3, what="three decisions")
-
-    asyncio.run(scenario())
+    async with Worker(app, make_settings()):
+        await admin.run(admin.publish, queue_name, [b"good", b"bad", b"good"])
+        await eventually(lambda: len(audit.decisions) == 3, what="three decisions")
     assert sorted(d.outcome.value for d in audit.decisions) == sorted(
         [Outcome.ACK.value, Outcome.ACK.value, Outcome.DEAD_LETTER.value]
     )

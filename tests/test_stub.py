@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
+
+import pytest
 
 from steadyrabbit import App, Message, Middleware, Outcome, Reject, Retry, RetryPolicy
 from steadyrabbit._headers import ATTEMPTS
@@ -47,7 +48,8 @@ def test_each_outcome_of_a_sync_handler() -> None:
     assert bad_body.reason.startswith("undecodable body: JSONDecodeError")
 
 
-def test_an_async_handler_and_its_middleware_from_a_running_loop() -> None:
+@pytest.mark.anyio
+async def test_an_async_handler_and_its_middleware_from_a_running_loop() -> None:
     seen: list[str] = []
 
     class Tag(Middleware):
@@ -58,11 +60,8 @@ def test_an_async_handler_and_its_middleware_from_a_running_loop() -> None:
     tagged = App(middleware=[Tag()])
     tagged.add_consumer(audit, "audit")
 
-    async def scenario() -> None:
-        decision = await run_handler(tagged, "audit", b"x", headers={ATTEMPTS: 1})
-        assert decision.outcome is Outcome.ACK
-        assert decision.attempt == 2
-
-    asyncio.run(scenario())
+    decision = await run_handler(tagged, "audit", b"x", headers={ATTEMPTS: 1})
+    assert decision.outcome is Outcome.ACK
+    assert decision.attempt == 2
     assert seen == ["before"]
     assert calls[-1] == 2
