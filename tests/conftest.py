@@ -136,6 +136,16 @@ def make_settings(tmp_path: Path) -> MakeSettings:
 
 
 @pytest.fixture
+def metrics_settings(make_settings: MakeSettings) -> MakeSettings:
+    """``make_settings`` with the metrics endpoint on a free port."""
+
+    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
+        return make_settings(url, **{"metrics_port": 0, **overrides})
+
+    return make
+
+
+@pytest.fixture
 def node_settings(make_settings: MakeSettings, private_node: BrokerNode) -> MakeSettings:
     """Settings for a worker on the private node, which tests restart and cut: heartbeat 5 s,
     reconnects from 0.2 s up to 2 s; keyword arguments override."""

@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,7 +30,6 @@ from steadyrabbit import (
     Reject,
     Retry,
     RetryPolicy,
-    Settings,
     Worker,
 )
 from tests._broker import BrokerNode
@@ -42,16 +40,6 @@ PASSWORD = "metrics-Pa55-d1stinct"
 
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def metrics_settings(make_settings: MakeSettings) -> MakeSettings:
-    """``make_settings`` with the metrics endpoint on a free port."""
-
-    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
-        return make_settings(url, **{"metrics_port": 0, **overrides})
-
-    return make
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ import pika
 import pytest
 
 from steadyrabbit import App, Message, Reject, Retry, Worker
-from tests.conftest import Admin, eventually
-from tests.test_metrics import get, settings
+from tests.conftest import Admin, MakeSettings, eventually
+from tests.test_metrics import get
+
+pytestmark = pytest.mark.anyio
 
 MASKED = "amqp://guest:****@127.0.0.1:5672/%2F"
 # The local broker's password is "guest": this must never be served.
@@ -40,7 +42,9 @@ async def status(worker: Worker) -> dict[str, Any]:
     return document
 
 
-def test_status_json_follows_real_traffic(queue_name: str, admin: Admin) -> None:
+async def test_status_json_follows_real_traffic(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"ok"] * 5 + [b"reject", b"retry"])
     app = App()
@@ -52,13 +56,10 @@ def test_status_json_follows_real_traffic(queue_name: str, admin: Admin) -> None
         if message.body == b"retry":
             raise Retry("later", delay=60)
 
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
-        async with Worker(app, settings(consumer_timeout=900, name="status-test")) as worker:
-            before = await status(worker)
-            await eventually(lambda: worker.stats.acked == 7, what="7 acks")
-            return before, await status(worker)
-
-    before, after = asyncio.run(scenario())
+    async with Worker(app, metrics_settings(consumer_timeout=900, name="status-test")) as worker:
+        before = await status(worker)
+        await eventually(lambda: worker.stats.acked == 7, what="7 acks")
+        after = await status(worker)
     assert after["kind"] == "steadyrabbit.status"
     assert after["format"] == 1
     assert after["worker"]["name"] == "status-test"
@@ -98,7 +99,9 @@ def test_status_json_follows_real_traffic(queue_name: str, admin: Admin) -> None
     assert consumer["oldest_unacked_age_seconds"] == 0
 
 
-def test_each_consumer_has_its_own_counts(queue_name: str, admin: Admin) -> None:
+async def test_each_consumer_has_its_own_counts(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     other = f"{queue_name}-other"
     admin.declare(queue_name)
     admin.declare(other)
@@ -115,13 +118,10 @@ def test_each_consumer_has_its_own_counts(queue_name: str, admin: Admin) -> None
         if message.body == b"reject":
             raise Reject("no good")
 
-    async def scenario() -> dict[str, Any]:
-        async with Worker(app, settings()) as worker:
-            await eventually(lambda: worker.stats.acked == 5, what="5 acks")
-            return await status(worker)
-
     try:
-        document = asyncio.run(scenario())
+        async with Worker(app, metrics_settings()) as worker:
+            await eventually(lambda: worker.stats.acked == 5, what="5 acks")
+            document = await status(worker)
     finally:
         admin.delete(other, f"{other}.dlq")
     counts = {
@@ -133,7 +133,9 @@ def test_each_consumer_has_its_own_counts(queue_name: str, admin: Admin) -> None
     assert (totals["delivered"], totals["acked"], totals["dead_lettered"]) == (5, 5, 1)
 
 
-def test_in_flight_ages_of_slow_handlers_oldest_first(queue_name: str, admin: Admin) -> None:
+async def test_in_flight_ages_of_slow_handlers_oldest_first(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     app = App()
     release = asyncio.Event()
@@ -142,20 +144,17 @@ def test_in_flight_ages_of_slow_handlers_oldest_first(queue_name: str, admin: Ad
     async def handle(message: Message) -> None:
         await release.wait()
 
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
-        async with Worker(app, settings(consumer_timeout=60)) as worker:
-            [consumer] = worker.consumers
-            await admin.run(admin.publish, queue_name, [b"first"])
-            await eventually(lambda: consumer.in_flight == 1)
-            await asyncio.sleep(0.4)
-            await admin.run(admin.publish, queue_name, [b"second"])
-            await eventually(lambda: consumer.in_flight == 2)
-            during = await status(worker)
-            release.set()
-            await eventually(lambda: worker.stats.acked == 2, what="2 acks")
-            return during, await status(worker)
-
-    during, after = asyncio.run(scenario())
+    async with Worker(app, metrics_settings(consumer_timeout=60)) as worker:
+        [consumer] = worker.consumers
+        await admin.run(admin.publish, queue_name, [b"first"])
+        await eventually(lambda: consumer.in_flight == 1)
+        await asyncio.sleep(0.4)
+        await admin.run(admin.publish, queue_name, [b"second"])
+        await eventually(lambda: consumer.in_flight == 2)
+        during = await status(worker)
+        release.set()
+        await eventually(lambda: worker.stats.acked == 2, what="2 acks")
+        after = await status(worker)
     [consumer] = during["consumers"]
     assert consumer["in_flight"] == 2
     assert during["totals"]["in_flight"] == 2
@@ -167,7 +166,9 @@ def test_in_flight_ages_of_slow_handlers_oldest_first(queue_name: str, admin: Ad
     assert after["consumers"][0]["in_flight_ages_seconds"] == []
 
 
-def test_the_page_and_its_headers(queue_name: str, admin: Admin) -> None:
+async def test_the_page_and_its_headers(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     app = App()
 
@@ -175,28 +176,27 @@ def test_the_page_and_its_headers(queue_name: str, admin: Admin) -> None:
     async def handle(message: Message) -> None:
         pass
 
-    async def scenario() -> None:
-        async with Worker(app, settings()) as worker:
-            address = worker.metrics_address
-            assert address is not None
-            for path in ("/", "/status", "/?refresh=1"):
-                page = await get(worker, path)
-                assert page.status == 200, path
-                assert page.content_type == "text/html; charset=utf-8"
-                assert '<svg id="chart"' in page.body
-            # Self-contained: nothing is loaded from anywhere (the machine may be offline).
-            assert not re.search(r"https?://|\bsrc=|\bhref=|@import", page.body)
-            assert UNMASKED not in page.body
-            missing = await get(worker, "/nope")
-            assert missing.status == 404
-            assert "/status.json" in missing.body
-            head = await get(worker, "/status.json", "HEAD")
-            assert (head.status, head.body) == (200, "")
-
-    asyncio.run(scenario())
+    async with Worker(app, metrics_settings()) as worker:
+        address = worker.metrics_address
+        assert address is not None
+        for path in ("/", "/status", "/?refresh=1"):
+            page = await get(worker, path)
+            assert page.status == 200, path
+            assert page.content_type == "text/html; charset=utf-8"
+            assert '<svg id="chart"' in page.body
+        # Self-contained: nothing is loaded from anywhere (the machine may be offline).
+        assert not re.search(r"https?://|\bsrc=|\bhref=|@import", page.body)
+        assert UNMASKED not in page.body
+        missing = await get(worker, "/nope")
+        assert missing.status == 404
+        assert "/status.json" in missing.body
+        head = await get(worker, "/status.json", "HEAD")
+        assert (head.status, head.body) == (200, "")
 
 
-def test_the_page_has_a_strict_content_security_policy(queue_name: str, admin: Admin) -> None:
+async def test_the_page_has_a_strict_content_security_policy(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     import http.client
 
     admin.declare(queue_name)
@@ -216,13 +216,10 @@ def test_the_page_has_a_strict_content_security_policy(queue_name: str, admin: A
         finally:
             connection.close()
 
-    async def scenario() -> dict[str, str]:
-        async with Worker(app, settings()) as worker:
-            address = worker.metrics_address
-            assert address is not None
-            return await asyncio.to_thread(headers, address)
-
-    found = asyncio.run(scenario())
+    async with Worker(app, metrics_settings()) as worker:
+        address = worker.metrics_address
+        assert address is not None
+        found = await asyncio.to_thread(headers, address)
     policy = found["content-security-policy"]
     assert "default-src 'none'" in policy
     assert "connect-src 'self'" in policy
@@ -279,8 +276,8 @@ async def dump_dom(browser: str, url: str, *, budget_ms: int = 5000) -> str:
     return out.decode(errors="replace")
 
 
-def test_the_page_in_chromium_shows_real_numbers_and_draws_the_chart(
-    queue_name: str, admin: Admin
+async def test_the_page_in_chromium_shows_real_numbers_and_draws_the_chart(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
 ) -> None:
     browser = chromium()
     admin.declare(queue_name)
@@ -302,29 +299,25 @@ def test_the_page_in_chromium_shows_real_numbers_and_draws_the_chart(
             while not stop.wait(0.003):
                 channel.basic_publish("", queue_name, b"ok")
 
-    async def scenario() -> tuple[str, int]:
-        async with Worker(app, settings(consumer_timeout=4)) as worker:
-            [consumer] = worker.consumers
-            address = worker.metrics_address
-            assert address is not None
-            await admin.run(admin.publish, queue_name, [b"slow", b"reject"])
-            await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
-            # The slow handler's age passes half of consumer_timeout: its bar turns amber.
-            await asyncio.sleep(2.1)
-            stop = threading.Event()
-            feeding = asyncio.ensure_future(asyncio.to_thread(feed, stop))
-            try:
-                await eventually(lambda: worker.stats.acked >= 10, what="traffic")
-                dom = await dump_dom(browser, f"http://{address[0]}:{address[1]}/", budget_ms=20000)
-            finally:
-                stop.set()
-                await feeding
-            acked = worker.stats.acked
-            release.set()
-            await eventually(lambda: consumer.in_flight == 0, what="the slow handler")
-            return dom, acked
-
-    dom, acked_at_end = asyncio.run(scenario())
+    async with Worker(app, metrics_settings(consumer_timeout=4)) as worker:
+        [consumer] = worker.consumers
+        address = worker.metrics_address
+        assert address is not None
+        await admin.run(admin.publish, queue_name, [b"slow", b"reject"])
+        await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
+        # The slow handler's age passes half of consumer_timeout: its bar turns amber.
+        await asyncio.sleep(2.1)
+        stop = threading.Event()
+        feeding = asyncio.ensure_future(asyncio.to_thread(feed, stop))
+        try:
+            await eventually(lambda: worker.stats.acked >= 10, what="traffic")
+            dom = await dump_dom(browser, f"http://{address[0]}:{address[1]}/", budget_ms=20000)
+        finally:
+            stop.set()
+            await feeding
+        acked_at_end = worker.stats.acked
+        release.set()
+        await eventually(lambda: consumer.in_flight == 0, what="the slow handler")
     polls = re.search(r'<body data-polls="(\d+)"', dom)
     assert polls is not None, dom[:3000]
     assert int(polls.group(1)) >= 3

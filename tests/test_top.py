@@ -16,8 +16,9 @@ import pytest
 from steadyrabbit import App, ConfigurationError, Message, Worker
 from steadyrabbit._errors import StatusUnavailableError
 from steadyrabbit._ops.top import fetch_status, render, status_url, watch
-from tests.conftest import Admin, eventually
-from tests.test_metrics import settings
+from tests.conftest import Admin, MakeSettings, eventually
+
+pytestmark = pytest.mark.anyio
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -211,24 +212,21 @@ def closed_port() -> int:
     return port
 
 
-def test_an_unreachable_endpoint_is_one_clear_line(closed_port: int) -> None:
+async def test_an_unreachable_endpoint_is_one_clear_line(closed_port: int) -> None:
     with pytest.raises(StatusUnavailableError) as caught:
-        asyncio.run(fetch_status(f"http://127.0.0.1:{closed_port}"))
+        await fetch_status(f"http://127.0.0.1:{closed_port}")
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"cannot read http://127.0.0.1:{closed_port}/status.json: ")
     assert "refused" in message.lower()
     assert "--metrics-port" in message
 
-    async def live_view() -> str:
-        with pytest.raises(StatusUnavailableError) as failed:
-            await watch(f"127.0.0.1:{closed_port}", out=io.StringIO(), iterations=2)
-        return str(failed.value)
-
-    assert asyncio.run(live_view()) == message
+    with pytest.raises(StatusUnavailableError) as failed:
+        await watch(f"127.0.0.1:{closed_port}", out=io.StringIO(), iterations=2)
+    assert str(failed.value) == message
 
 
-def test_something_else_than_a_worker_is_named_as_such() -> None:
+async def test_something_else_than_a_worker_is_named_as_such() -> None:
     answers = iter(
         [
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -244,18 +242,15 @@ def test_something_else_than_a_worker_is_named_as_such() -> None:
         writer.close()
         await writer.wait_closed()
 
-    async def scenario() -> list[str]:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        messages = []
-        async with server:
-            for _ in range(2):
-                with pytest.raises(StatusUnavailableError) as caught:
-                    await fetch_status(f"http://user:s3cret@127.0.0.1:{port}")
-                messages.append(str(caught.value))
-        return messages
-
-    not_found, not_ours = asyncio.run(scenario())
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    messages = []
+    async with server:
+        for _ in range(2):
+            with pytest.raises(StatusUnavailableError) as caught:
+                await fetch_status(f"http://user:s3cret@127.0.0.1:{port}")
+            messages.append(str(caught.value))
+    not_found, not_ours = messages
     assert "answered HTTP 404: not a steadyrabbit worker's metrics endpoint" in not_found
     assert "not a steadyrabbit metrics endpoint" in not_ours
     assert all("s3cret" not in m and "user:****@" in m for m in (not_found, not_ours))
@@ -269,7 +264,9 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_watch_a_live_worker(queue_name: str, admin: Admin) -> None:
+async def test_watch_a_live_worker(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"ok"] * 20)
     app = App()
@@ -280,28 +277,25 @@ def test_watch_a_live_worker(queue_name: str, admin: Admin) -> None:
         if message.body == b"slow":
             await release.wait()
 
-    async def scenario() -> tuple[str, str]:
-        async with Worker(app, settings(consumer_timeout=60)) as worker:
-            address = worker.metrics_address
-            assert address is not None
-            await eventually(lambda: worker.stats.acked == 20, what="20 acks")
-            await admin.run(admin.publish, queue_name, [b"slow"])
-            await eventually(lambda: worker.in_flight == 1, what="the slow handler")
-            piped = io.StringIO()
-            # On the worker's own loop, as `steadyrabbit demo` does: nothing may block it.
-            await watch(f"http://{address[0]}:{address[1]}/", interval=0.2, out=piped, iterations=2)
-            terminal = Terminal()
-            stop = asyncio.Event()
-            view = asyncio.ensure_future(
-                watch(f"{address[0]}:{address[1]}", interval=0.05, out=terminal, stop=stop)
-            )
-            await eventually(lambda: terminal.getvalue().count("\x1b[2J") >= 2, what="2 frames")
-            stop.set()
-            await asyncio.wait_for(view, 5)
-            release.set()
-            return piped.getvalue(), terminal.getvalue()
-
-    piped, terminal = asyncio.run(scenario())
+    async with Worker(app, metrics_settings(consumer_timeout=60)) as worker:
+        address = worker.metrics_address
+        assert address is not None
+        await eventually(lambda: worker.stats.acked == 20, what="20 acks")
+        await admin.run(admin.publish, queue_name, [b"slow"])
+        await eventually(lambda: worker.in_flight == 1, what="the slow handler")
+        piped_out = io.StringIO()
+        # On the worker's own loop, as `steadyrabbit demo` does: nothing may block it.
+        await watch(f"http://{address[0]}:{address[1]}/", interval=0.2, out=piped_out, iterations=2)
+        screen = Terminal()
+        stop = asyncio.Event()
+        view = asyncio.ensure_future(
+            watch(f"{address[0]}:{address[1]}", interval=0.05, out=screen, stop=stop)
+        )
+        await eventually(lambda: screen.getvalue().count("\x1b[2J") >= 2, what="2 frames")
+        stop.set()
+        await asyncio.wait_for(view, 5)
+        release.set()
+    piped, terminal = piped_out.getvalue(), screen.getvalue()
     frames = piped.split("\nsteadyrabbit  pid ")
     assert len(frames) == 2, piped
     assert piped.startswith("steadyrabbit  pid ")
@@ -321,7 +315,9 @@ def test_watch_a_live_worker(queue_name: str, admin: Admin) -> None:
     assert "\x1b[32mREADY" in terminal
 
 
-def test_the_top_command_prints_one_frame_of_a_live_worker(queue_name: str, admin: Admin) -> None:
+async def test_the_top_command_prints_one_frame_of_a_live_worker(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"ok"] * 3)
     app = App()
@@ -330,19 +326,16 @@ def test_the_top_command_prints_one_frame_of_a_live_worker(queue_name: str, admi
     async def handle(message: Message) -> None:
         pass
 
-    async def scenario() -> subprocess.CompletedProcess[str]:
-        async with Worker(app, settings()) as worker:
-            address = worker.metrics_address
-            assert address is not None
-            await eventually(lambda: worker.stats.acked == 3, what="3 acks")
-            return await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "steadyrabbit", "top", str(address[1]), "--once"],
-                capture_output=True, text=True, timeout=30, check=False,
-                env={**os.environ, "STEADYRABBIT_INTERVAL": "0.5"},
-            )  # fmt: skip
-
-    done = asyncio.run(scenario())
+    async with Worker(app, metrics_settings()) as worker:
+        address = worker.metrics_address
+        assert address is not None
+        await eventually(lambda: worker.stats.acked == 3, what="3 acks")
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "steadyrabbit", "top", str(address[1]), "--once"],
+            capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, "STEADYRABBIT_INTERVAL": "0.5"},
+        )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("steadyrabbit  pid "), done.stdout
     assert queue_name[:30] in done.stdout
