@@ -20,8 +20,9 @@ import pika
 import pika.exceptions
 import pytest
 
-from steadyrabbit._demo import DemoResult, format_summary, run_demo
 from steadyrabbit._errors import ConfigurationError
+from steadyrabbit._ops.demo.result import DemoResult, format_summary
+from steadyrabbit._ops.demo.run import run_demo
 from steadyrabbit._settings import Settings
 from tests.conftest import MAIN_URL, Admin
 

@@ -1,16 +1,28 @@
-"""``steadyrabbit demo``: the quick start."""
+"""``steadyrabbit demo``: the quick start.
+
+The run is :func:`steadyrabbit._ops.demo.run.run_demo`; this module adds what only a terminal
+needs: the publishing progress bar on stderr, the summary on stdout and the exit status.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
+from collections.abc import Callable
+from typing import TextIO
 
 import click
 
 from .._config import Config
-from .._demo import demo_command
+from .._errors import ClosedByUserError
+from .._ops.demo.result import format_summary
+from .._ops.demo.run import run_demo
+from .._settings import Settings
+from .exits import EXIT_FAILURE, EXIT_OK
 from .options import BROKER, configured
 
-__all__ = ["demo_cmd"]
+__all__ = ["demo_cmd", "demo_command"]
 
 
 @click.command("demo")
@@ -65,3 +77,76 @@ def demo_cmd(
         )
     )
 
+
+class _ProgressBar:
+    """:func:`run_demo`'s progress callback, drawn with click's progress bar: opened at the
+    first report, finished at the last one (or by :meth:`close`)."""
+
+    def __init__(self, file: TextIO, label: str = "publishing") -> None:
+        self._file = file
+        self._label = label
+        self._open: contextlib.ExitStack | None = None
+        self._update: Callable[[int], None] = lambda _steps: None
+        self._done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._open is None:
+            self._open = contextlib.ExitStack()
+            bar = self._open.enter_context(
+                click.progressbar(length=total, label=self._label, file=self._file, show_pos=True)
+            )
+            self._update = bar.update
+        self._update(done - self._done)
+        self._done = done
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the bar, if one is drawn."""
+        stack, self._open = self._open, None
+        if stack is not None:
+            stack.close()
+
+
+def demo_command(
+    settings: Settings,
+    *,
+    messages: int = 60,
+    concurrency: int = 2,
+    live: bool = True,
+    keep: bool = False,
+    seed: int = 42,
+    out: TextIO | None = None,
+    progress: TextIO | None = None,
+) -> int:
+    """``steadyrabbit demo``: run :func:`run_demo` on stdout (the progress bar on stderr),
+    print the summary, and return the exit status: 0 only when every message is accounted for.
+
+    Ctrl-C stops at once with :class:`ClosedByUserError` (one line from the CLI): the worker is
+    aborted and the broker keeps the demo's queues until the next run deletes them.
+    """
+    stream = sys.stdout if out is None else out
+    bar = _ProgressBar(sys.stderr if progress is None else progress)
+    try:
+        result = asyncio.run(
+            run_demo(
+                settings,
+                out=stream,
+                messages=messages,
+                concurrency=concurrency,
+                live=live,
+                keep=keep,
+                seed=seed,
+                progress=bar,
+            )
+        )
+    except KeyboardInterrupt:
+        stream.write("\n")
+        raise ClosedByUserError(
+            "demo interrupted; its queues stay on the broker until the next run deletes them"
+        ) from None
+    finally:
+        bar.close()
+    stream.write("\n" + format_summary(result))
+    stream.flush()
+    return EXIT_OK if result.ok else EXIT_FAILURE
