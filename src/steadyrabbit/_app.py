@@ -135,24 +135,6 @@ def call_sync(fn: SyncHandler, message: Message) -> Any:
         raise HandlerExit(exc) from exc
 
 
-def _exits_as_failures(fn: AsyncHandler) -> AsyncHandler:
-    """Wrap an async handler so that a SystemExit it raises fails its message instead of
-    leaving the event loop (asyncio re-raises SystemExit out of the loop, stopping the worker).
-
-    KeyboardInterrupt is left alone: on the event loop's thread it may be a real Ctrl-C. So is
-    asyncio.CancelledError: that is the worker cancelling the handler.
-    """
-
-    @functools.wraps(fn)
-    async def handler(message: Message) -> Any:
-        try:
-            return await fn(message)
-        except SystemExit as exc:
-            raise HandlerExit(exc) from exc
-
-    return handler
-
-
 @dataclass(frozen=True)
 class HandlerSpec:
     """A registered handler and everything about the queue it consumes."""
@@ -316,7 +298,7 @@ class App:
             _check_queue_type(queue_type)
         handler: AsyncHandler
         if inspect.iscoroutinefunction(fn):
-            handler = _exits_as_failures(fn)
+            handler = fn  # a SystemExit it raises is caught where it is awaited
         else:
             handler = _ThreadedHandler(fn, concurrency, queue)
         spec = HandlerSpec(

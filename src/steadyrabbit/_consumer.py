@@ -26,6 +26,7 @@ from ._errors import (
     ChannelClosedError,
     ClosedByUserError,
     ConnectionLostError,
+    HandlerExit,
     Reject,
     Retry,
     SteadyRabbitError,
@@ -103,7 +104,8 @@ class Consumer:
         self._fatal: asyncio.Future[SteadyRabbitError] = asyncio.get_running_loop().create_future()
         self._waiting: deque[Message] = deque()
         self._running = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Each running message's task; its done callback frees the slot.
+        self._tasks: dict[asyncio.Task[Any], Message] = {}
         self._aged_timer: asyncio.TimerHandle | None = None
         self._aged_after = settings.consumer_timeout * _AGED_SHARE
         self._retry = spec.retry
@@ -283,9 +285,25 @@ class Consumer:
 
     def _start(self, message: Message) -> None:
         self._running += 1
-        task = self._create_task(self._process(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        processing = self._processing
+        if processing is not None:
+            processing[message] = monotonic()
+        # The task runs the message's work itself, with no coroutine around it: the slot is
+        # freed by the done callback (one per task either way).
+        work = self._process_redelivered(message) if message.redelivered else self._run(message)
+        task = self._create_task(work)
+        self._tasks[task] = message
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        message = self._tasks.pop(task)
+        if self._processing is not None:
+            self._processing.pop(message, None)
+        self._running -= 1
+        if self._guard.closed:
+            self._guard.finished()
+        elif self._waiting and not self._refusing:
+            self._start(self._waiting.popleft())
 
     @staticmethod
     def handler_frames() -> tuple[CodeType, ...]:
@@ -302,24 +320,6 @@ class Consumer:
             and not self._guard.closed
         ):
             self._start(self._waiting.popleft())
-
-    async def _process(self, message: Message) -> None:
-        processing = self._processing
-        if processing is not None:
-            processing[message] = monotonic()
-        try:
-            if message.redelivered:
-                await self._process_redelivered(message)
-            else:
-                await self._run(message)
-        finally:
-            if processing is not None:
-                processing.pop(message, None)
-            self._running -= 1
-            if self._guard.closed:
-                self._guard.finished()
-            elif self._waiting and not self._refusing:
-                self._start(self._waiting.popleft())
 
     async def _process_redelivered(self, message: Message) -> None:
         """A redelivery: settle it by a copy already made, or run it counting the start.
@@ -379,6 +379,13 @@ class Consumer:
             if not isinstance(exc, Reject | Retry):  # a handler's own decisions are no errors
                 self._stats.handler_errors += 1
                 log.warning("handler %s failed on %r", self.spec.name, message, exc_info=True)
+        except SystemExit as exc:
+            # sys.exit() in an async handler: a failure of its message. Left alone, asyncio
+            # would raise it out of the event loop and stop the worker. (A sync handler's is
+            # turned into HandlerExit in its thread.)
+            error = HandlerExit(exc)
+            self._stats.handler_errors += 1
+            log.warning("handler %s exited on %r", self.spec.name, message, exc_info=True)
         if message.blocked_loop and not await self._survived_stall(message):
             return False
         if error is None:

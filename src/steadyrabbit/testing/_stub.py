@@ -19,7 +19,7 @@ import pika.spec
 
 from .._app import App, HandlerSpec, call_sync
 from .._decision import Decision, decide, retry_bucket_ms
-from .._errors import ConfigurationError, Reject
+from .._errors import ConfigurationError, HandlerExit, Reject
 from .._message import Message
 from .._middleware import Hooks
 from .._topology import copy_queue
@@ -69,6 +69,8 @@ async def run_handler(
         await handler(message)
     except Exception as exc:  # noqa: BLE001 - any handler error is the message's outcome
         error = exc
+    except SystemExit as exc:  # sys.exit() in an async handler fails its message, as in a worker
+        error = HandlerExit(exc)
     decision = decide(error, properties.headers, spec.retry)
     if error is None:
         return decision
