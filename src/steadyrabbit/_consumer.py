@@ -50,7 +50,6 @@ from ._topology import (
 
 log = logging.getLogger("steadyrabbit")
 
-_MAX_REASON = 1000
 # After an async handler blocked the event loop, how long to let the connection show whether it
 # survived (the broker's close is already waiting in the socket) before settling.
 _STALL_SETTLE = 0.5
@@ -114,7 +113,14 @@ class Consumer:
         self._guard = guard
         guard.watch(self)
         self._settlement = Settlement(
-            spec, publisher, hooks, self.counts, stats, self._fatal, self._vhost, self._aged_after
+            spec,
+            publisher,
+            hooks,
+            self.counts,
+            stats,
+            self._fatal,
+            self._vhost,
+            settings.consumer_timeout,
         )
         # The messages between start and settlement, and when each started; kept only with
         # an observer asked for them (track_running).

@@ -55,7 +55,7 @@ class Settlement:
         stats: Stats,
         fatal: asyncio.Future[SteadyRabbitError],
         vhost: str,
-        patience: float,
+        consumer_timeout: float,
     ) -> None:
         self.spec = spec
         self._publisher = publisher
@@ -65,8 +65,9 @@ class Settlement:
         self._fatal = fatal
         self._vhost = vhost
         self._retry = spec.retry
-        # How long a copy nobody claimed is kept: half the broker's consumer_timeout, times 4.
-        self._aged_after = patience
+        # A copy nobody claimed within two consumer_timeouts belongs to an original that went
+        # elsewhere (another worker took the redelivery).
+        self._keep_unclaimed = 2 * consumer_timeout
         # Copies whose original's channel died before the broker confirmed them, by message
         # fingerprint: the redelivered original settles by that copy instead of a new one.
         self._copies: dict[str, _CopyInFlight] = {}
@@ -234,13 +235,12 @@ class Settlement:
             self._hooks.on_settled(message, decision)
 
     def _keep_copy(self, key: str, copy: _CopyInFlight) -> None:
-        # Bounded: a copy nobody claimed within two consumer_timeouts belongs to an original
-        # that went elsewhere (another worker took the redelivery). Oldest first, by insertion.
+        # Expired copies go first; the dict's insertion order is their age.
         now = monotonic()
         copies = self._copies
         while copies:
             oldest = next(iter(copies))
-            if copies[oldest].kept_at + 4 * self._aged_after >= now:
+            if copies[oldest].kept_at + self._keep_unclaimed >= now:
                 break
             abandoned = copies.pop(oldest).publish
             abandoned.cancel()  # its original was settled elsewhere: nothing waits for it
