@@ -9,11 +9,7 @@ a crash; distinct messages with the same body are not one message.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,9 +22,7 @@ from steadyrabbit import App, ConfigurationError, Message, RetryPolicy, Settings
 from steadyrabbit._headers import REASON
 from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, MakeSettings, eventually
-from tests.test_retry import dead_letters
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_retry import dead_letters, restart_crash_app
 
 
 async def reset_consume_connection(worker: Worker) -> None:
@@ -69,39 +63,17 @@ def test_a_process_killer_does_not_take_its_neighbours_into_the_dead_letter_queu
     neighbours = [b"slow 1", b"slow 2", b"slow 3"]
     admin.publish(queue_name, [b"poison", *neighbours])
     log = tmp_path / "attempts.log"
-    env = {
-        **os.environ,
-        "CRASH_QUEUE": queue_name,
-        "CRASH_CONCURRENCY": "4",
-        "CRASH_LOG": str(log),
-        "STEADYRABBIT_STATE_DIR": str(tmp_path / "state"),
-    }
-    command = [
-        sys.executable, "-m", "steadyrabbit", "run", "tests.crash_app:app",
-        "--url", MAIN_URL, "--log-level", "warning",
-    ]
-    stderr_path = tmp_path / "stderr.log"
 
     def done() -> set[str]:
         lines = log.read_text().splitlines() if log.exists() else []
         return {line.removeprefix("done ") for line in lines if line.startswith("done ")}
 
-    for _ in range(10):
-        with stderr_path.open("ab") as stderr_file:
-            worker = subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr_file)
-        try:
-            deadline = time.monotonic() + 20
-            while worker.poll() is None and time.monotonic() < deadline:
-                if dead_letters(admin, queue_name) == 1 and len(done()) == 3:
-                    break
-                time.sleep(0.1)
-            if worker.poll() is None:
-                break
-            assert worker.returncode == 70, stderr_path.read_text()
-        finally:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                worker.wait(timeout=20)
+    restart_crash_app(
+        tmp_path,
+        {"CRASH_QUEUE": queue_name, "CRASH_CONCURRENCY": "4", "CRASH_LOG": str(log)},
+        lives=10,
+        until=lambda: dead_letters(admin, queue_name) == 1 and len(done()) == 3,
+    )
     assert done() == {"slow 1", "slow 2", "slow 3"}
     [(props, body)] = admin.drain(f"{queue_name}.dlq")
     assert body == b"poison"

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pika.exceptions
@@ -43,6 +44,37 @@ def dead_letters(admin: Admin, queue: str) -> int:
 def handled_fine(log: Path) -> bool:
     """Whether the crash app's log shows the "fine 1" message handled."""
     return log.exists() and any(line.startswith("fine 1") for line in log.read_text().splitlines())
+
+
+def restart_crash_app(
+    tmp_path: Path, env: dict[str, str], *, lives: int, until: Callable[[], bool]
+) -> None:
+    """Run ``tests.crash_app`` as a supervisor would: start it again each time a message kills
+    it (exit 70), at most ``lives`` times, until ``until()`` holds while it runs; then stop it
+    with SIGTERM, which must end it cleanly."""
+    command = [
+        sys.executable, "-m", "steadyrabbit", "run", "tests.crash_app:app",
+        "--url", MAIN_URL, "--log-level", "warning",
+    ]
+    environment = {**os.environ, "STEADYRABBIT_STATE_DIR": str(tmp_path / "state"), **env}
+    stderr_path = tmp_path / "stderr.log"
+    for _ in range(lives):
+        with stderr_path.open("ab") as stderr_file:
+            worker = subprocess.Popen(command, cwd=ROOT, env=environment, stderr=stderr_file)
+        try:
+            deadline = time.monotonic() + 20
+            while worker.poll() is None and time.monotonic() < deadline:
+                if until():
+                    break
+                time.sleep(0.1)
+            if worker.poll() is None:
+                return  # it stays up: no message kills it any more
+            assert worker.returncode == 70, stderr_path.read_text()
+        finally:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(timeout=20)
+                assert worker.returncode == 0, stderr_path.read_text()
 
 
 def cleanup_retry_queues(admin: Admin, queue: str, delays_ms: list[int]) -> None:
@@ -195,37 +227,14 @@ def test_a_handler_that_kills_its_process_every_time_ends_in_the_dead_letter_que
     admin.declare(queue_name, arguments=arguments)
     admin.publish(queue_name, [b"poison pill", b"fine 1"])
     log = tmp_path / "attempts.log"
-    env = {
-        **os.environ,
-        "CRASH_QUEUE": queue_name,
-        "CRASH_QUEUE_TYPE": queue_type,
-        "CRASH_LOG": str(log),
-        "STEADYRABBIT_STATE_DIR": str(tmp_path / "state"),
-    }
-    command = [
-        sys.executable, "-m", "steadyrabbit", "run", "tests.crash_app:app",
-        "--url", MAIN_URL, "--log-level", "warning",
-    ]
-    stderr_path = tmp_path / "stderr.log"
-    for _ in range(6):
-        with stderr_path.open("ab") as stderr_file:
-            worker = subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr_file)
-        try:
-            deadline = time.monotonic() + 20
-            while worker.poll() is None and time.monotonic() < deadline:
-                # Stop only once the message behind the poison one has been handled too: a
-                # SIGTERM right after the dead-lettering would return "fine 1" unstarted.
-                if dead_letters(admin, queue_name) == 1 and handled_fine(log):
-                    break
-                time.sleep(0.1)
-            if worker.poll() is None:
-                break  # it stays up: the poison message no longer kills it
-            assert worker.returncode == 70, stderr_path.read_text()
-        finally:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                worker.wait(timeout=20)
-                assert worker.returncode == 0, stderr_path.read_text()
+    # Stop only once the message behind the poison one has been handled too: a SIGTERM right
+    # after the dead-lettering would return "fine 1" unstarted.
+    restart_crash_app(
+        tmp_path,
+        {"CRASH_QUEUE": queue_name, "CRASH_QUEUE_TYPE": queue_type, "CRASH_LOG": str(log)},
+        lives=6,
+        until=lambda: dead_letters(admin, queue_name) == 1 and handled_fine(log),
+    )
     attempts = [line for line in log.read_text().splitlines() if line.startswith("poison")]
     assert len(attempts) == 3, attempts
     [(props, body)] = admin.drain(f"{queue_name}.dlq")
