@@ -19,10 +19,10 @@ from steadyrabbit import (
     RetryPolicy,
     Worker,
 )
-from steadyrabbit._middleware import CallNext, Hooks, PublishNext
+from steadyrabbit._middleware import CallNext, Hooks, PublishNext, RedeliveryNext
 from steadyrabbit._url import BrokerAddress
 from steadyrabbit._view import WorkerView
-from tests.conftest import Admin, MakeSettings
+from tests.conftest import Admin, MakeSettings, Settled
 
 pytestmark = pytest.mark.anyio
 
@@ -185,6 +185,93 @@ async def test_around_handler_may_skip_the_handler_and_around_publish_sees_every
     assert (props.headers or {})["x-trace"] == f"copy to {queue_name}.dlq"
 
 
+class RedeliveryRecorder(Middleware):
+    """Sees redeliveries only; ends ``end`` without running it, fails around ``boom-*``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bytes, bool]] = []
+        self.returned: dict[bytes, bool] = {}
+
+    async def around_redelivery(self, message: Message, call_next: RedeliveryNext) -> bool:
+        self.seen.append((message.body, message.redelivered))
+        if message.body == b"boom-before":
+            raise RuntimeError("the middleware broke before the handler")
+        if message.body == b"end":
+            result = await call_next(message, end_with=Reject("ended by the middleware"))
+        else:
+            result = await call_next(message)
+        self.returned[message.body] = result
+        if message.body == b"boom-after":
+            raise RuntimeError("the middleware broke after the settlement")
+        return result
+
+
+async def redeliver(
+    app_queue: str, admin: Admin, make_settings: MakeSettings, bodies: list[bytes]
+) -> None:
+    """Start each message on a worker that is then aborted: the broker redelivers them all."""
+    first = App()
+    started: list[bytes] = []
+    all_started = asyncio.Event()
+
+    @first.consumer(app_queue, concurrency=len(bodies), prefetch=len(bodies))
+    async def hang(message: Message) -> None:
+        started.append(message.body)
+        if len(started) == len(bodies):
+            all_started.set()
+        await asyncio.Event().wait()
+
+    worker = Worker(first, make_settings())
+    await worker.start()
+    try:
+        await admin.run(admin.publish, app_queue, bodies)
+        await asyncio.wait_for(all_started.wait(), 30)
+    finally:
+        await worker.abort()
+
+
+async def test_around_redelivery_sees_only_redeliveries_and_may_end_them_without_running(
+    queue_name: str, admin: Admin, make_settings: MakeSettings
+) -> None:
+    """The hook runs for redeliveries only, outside around_handler; ``end_with`` settles
+    without the handler; a failure before the settlement fails the message as the handler's
+    would (here: dead-lettered), one after it is logged and changes nothing."""
+    admin.declare(queue_name)
+    redelivered = [b"a", b"end", b"boom-before", b"boom-after"]
+    await redeliver(queue_name, admin, make_settings, redelivered)
+    recorder, settled = RedeliveryRecorder(), Settled()
+    runs: list[bytes] = []
+    app = App(middleware=[settled, recorder], retry=RetryPolicy(max_attempts=1))
+
+    @app.consumer(queue_name, concurrency=4)
+    async def handle(message: Message) -> None:
+        runs.append(message.body)
+
+    async with Worker(app, make_settings()) as worker:
+        await settled.wait_for(4)
+        await admin.run(admin.publish, queue_name, [b"fresh"])
+        await settled.wait_for(5)
+        assert worker.stats.channel_recoveries == 0, "nothing was settled twice"
+    assert sorted(recorder.seen) == sorted((body, True) for body in redelivered)
+    assert sorted(runs) == [b"a", b"boom-after", b"fresh"]
+    assert recorder.returned == {b"a": True, b"end": True, b"boom-after": True}
+    outcomes = {body: d.outcome for body, d in settled.decisions}
+    assert outcomes == {
+        b"a": Outcome.ACK,
+        b"end": Outcome.DEAD_LETTER,
+        b"boom-before": Outcome.DEAD_LETTER,
+        b"boom-after": Outcome.ACK,
+        b"fresh": Outcome.ACK,
+    }
+    reasons = {
+        body: (props.headers or {}).get("x-steadyrabbit-reason")
+        for props, body in admin.drain(f"{queue_name}.dlq")
+    }
+    assert reasons[b"end"] == "ended by the middleware"
+    assert "the middleware broke before the handler" in str(reasons[b"boom-before"])
+    assert admin.counts(queue_name) == (0, 0)
+
+
 class OnlySettled(Middleware):
     def on_settled(self, message: Message, decision: Decision) -> None:
         pass
@@ -196,6 +283,7 @@ def test_dispatch_tables_hold_only_the_overridden_hooks() -> None:
     assert not empty.settled
     assert not empty.around_handler
     assert not empty.around_publish
+    assert not empty.around_redelivery
     assert not empty.loop_blocked
 
     async def handler(message: Message) -> None:

@@ -18,9 +18,7 @@ import pika.spec
 from ._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection
 from ._app import HandlerSpec
 from ._backoff import backoff_delay
-from ._crashguard import CrashGuard
-from ._crashlog import fingerprint
-from ._decision import CrashLoop, decide
+from ._decision import decide
 from ._errors import (
     AccessRefusedError,
     ChannelClosedError,
@@ -32,7 +30,8 @@ from ._errors import (
     SteadyRabbitError,
     is_consumer_timeout,
 )
-from ._message import Message, amqp_properties, delivery_channel
+from ._gate import UNSTARTED_PATIENCE_SHARE, NotAdmitted, SoloGate
+from ._message import Message, amqp_properties, delivery_channel, fingerprint
 from ._middleware import Hooks
 from ._publisher import Publisher
 from ._settings import Settings
@@ -55,11 +54,6 @@ log = logging.getLogger("steadyrabbit")
 _STALL_SETTLE = 0.5
 
 
-# A message that waited unstarted for this share of consumer_timeout goes back to the queue, so
-# that waiting plus running stays under the broker's delivery acknowledgement timeout.
-_AGED_SHARE = 0.5
-
-
 class Consumer:
     """Consumes one queue with one handler.
 
@@ -75,7 +69,7 @@ class Consumer:
         publisher: Publisher,
         settings: Settings,
         stats: Stats,
-        guard: CrashGuard,
+        gate: SoloGate,
         hooks: Hooks,
     ) -> None:
         self.spec = spec
@@ -106,12 +100,18 @@ class Consumer:
         # Each running message's task; its done callback frees the slot.
         self._tasks: dict[asyncio.Task[Any], Message] = {}
         self._aged_timer: asyncio.TimerHandle | None = None
-        self._aged_after = settings.consumer_timeout * _AGED_SHARE
+        self._aged_after = settings.consumer_timeout * UNSTARTED_PATIENCE_SHARE
         self._retry = spec.retry
         self._dead_letter_queue = dead_letter_queue(spec.queue, spec.queue_type)
         self._vhost = settings.addresses[0].vhost
-        self._guard = guard
-        guard.watch(self)
+        self._gate = gate
+        gate.watch(self)
+        # Redeliveries go through every around_redelivery middleware (composed once), or
+        # straight to the handler when there is none.
+        self._redelivered = (
+            hooks.wrap_redelivery(self._settle_redelivered) if hooks.around_redelivery else None
+        )
+        self._reached_settlement: set[Message] = set()
         self._settlement = Settlement(
             spec,
             publisher,
@@ -282,7 +282,7 @@ class Consumer:
         if self._refusing:
             self._settlement.requeue(message)
             self._stats.requeued_unstarted += 1
-        elif self._running < self._concurrency and not self._guard.closed:
+        elif self._running < self._concurrency and not self._gate.closed:
             self._start(message)
         else:
             self._waiting.append(message)
@@ -306,8 +306,8 @@ class Consumer:
         if self._processing is not None:
             self._processing.pop(message, None)
         self._running -= 1
-        if self._guard.closed:
-            self._guard.finished()
+        if self._gate.closed:
+            self._gate.finished()
         elif self._waiting and not self._refusing:
             self._start(self._waiting.popleft())
 
@@ -318,52 +318,49 @@ class Consumer:
         return (Consumer._run.__code__,)
 
     def resume(self) -> None:
-        """Start waiting messages in free slots (the crash guard's gate opened)."""
+        """Start waiting messages in free slots (the solo gate opened)."""
         while (
             self._waiting
             and self._running < self._concurrency
             and not self._refusing
-            and not self._guard.closed
+            and not self._gate.closed
         ):
             self._start(self._waiting.popleft())
 
     async def _process_redelivered(self, message: Message) -> None:
-        """A redelivery: settle it by a copy already made, or run it counting the start.
-
-        The record of unfinished starts blames only the message that kills the process: one
-        that has an unfinished start runs solo (see :mod:`._crashguard`).
-        """
-        key = fingerprint(message, self._vhost)
-        if await self._settlement.settle_redelivery(message, key):
+        """A redelivery: settle it by a copy already made, or run it inside every
+        ``around_redelivery`` middleware (the built-in one counts crash loops)."""
+        if await self._settlement.settle_redelivery(message, fingerprint(message, self._vhost)):
             return
-        guard = self._guard
-        unfinished = await guard.unfinished(key)
-        if unfinished is None:  # the log failed (logged): handle it as a first delivery
+        chain = self._redelivered
+        if chain is None:
             await self._run(message)
             return
-        solo = False
-        if unfinished:
-            if not await guard.solo(self._aged_after, self._stopping):
-                self._settlement.requeue(message)  # never started: no record, no blame
-                self._stats.requeued_unstarted += 1
-                return
-            solo = True
         try:
-            if solo:
-                unfinished = await guard.unfinished(key)
-            starts = (unfinished or 0) + 1  # the first delivery was never recorded
-            if starts >= self._retry.max_deliveries:
-                headers = amqp_properties(message).headers
-                crash_loop = decide(CrashLoop(starts), headers, self._retry)
-                if await self._settlement.carry_out(message, crash_loop):
-                    await guard.forget(key)
-                return
-            await guard.record_start(key)
-            if await self._run(message):
-                await guard.forget(key)
+            await chain(message)
+        except NotAdmitted:
+            self._settlement.requeue(message)  # never started: no record, no blame
+            self._stats.requeued_unstarted += 1
+        except Exception as exc:
+            if message in self._reached_settlement:
+                log.exception("an around_redelivery middleware failed after settling %r", message)
+            else:
+                log.warning("an around_redelivery middleware failed on %r", message, exc_info=True)
+                decision = decide(exc, amqp_properties(message).headers, self._retry)
+                await self._settlement.carry_out(message, decision)
         finally:
-            if solo:
-                guard.release()
+            self._reached_settlement.discard(message)
+
+    async def _settle_redelivered(
+        self, message: Message, /, *, end_with: BaseException | None = None
+    ) -> bool:
+        """The innermost step of the ``around_redelivery`` chain: run the handler and settle,
+        or settle as ``end_with`` decides without running it."""
+        self._reached_settlement.add(message)
+        if end_with is None:
+            return await self._run(message)
+        decision = decide(end_with, amqp_properties(message).headers, self._retry)
+        return await self._settlement.carry_out(message, decision)
 
     async def _run(self, message: Message) -> bool:
         """Run the handler and settle the message by its outcome.

@@ -1,11 +1,22 @@
-"""Crash-loop protection for one worker: the crash log off the event loop, and the solo gate.
+"""Crash-loop counting, as the built-in middleware :class:`CrashLoopCounter`.
 
-A crash is a start of a message that never finished: the process died, or the handler took
-its connection down (an async handler that blocked the event loop past the heartbeat). To blame
-only the message that did it, a redelivered message that already has an unfinished start runs
-*solo*: it waits until every other handler of the worker has finished, and nothing else starts
-until it is done. Whatever kills the process then is that message, and an innocent neighbour's
-record never grows.
+A crash is a start of a message that never finished: the process died, or the handler took its
+connection down (an async handler that blocked the event loop past the heartbeat). The broker
+redelivers such a message, flagged ``redelivered``, and only redeliveries are counted, through
+the ``around_redelivery`` hook, so a first delivery costs nothing here.
+
+For each redelivery, in order:
+
+1. the unfinished starts recorded for it are read from the crash log (:mod:`._crashlog`, off
+   the event loop in one thread, so the worker's records are written in order);
+2. if there are any, it runs solo (:mod:`._gate`): whatever kills the process then is that
+   message, and an innocent neighbour's record never grows;
+3. at the consumer's ``max_deliveries`` starts it is dead-lettered as a crash loop, without
+   running, and its record is deleted once the dead letter is confirmed and the original acked;
+4. otherwise a start is recorded, the handler runs, and the record is deleted once the handler
+   finished, whatever became of its ack. A run that killed its connection keeps it.
+
+An error of the crash log is logged in one line and the message handled as if it had no record.
 """
 
 from __future__ import annotations
@@ -13,43 +24,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 from ._crashlog import CrashLog
+from ._decision import CrashLoop
 from ._errors import ConfigurationError
+from ._gate import SoloGate
+from ._message import Message, fingerprint
+from ._middleware import Middleware, RedeliveryNext
 
 log = logging.getLogger("steadyrabbit")
 
 T = TypeVar("T")
 
 
-class _Slots(Protocol):
-    @property
-    def in_flight(self) -> int: ...
-
-    def resume(self) -> None: ...
-
-
-class CrashGuard:
-    """The worker's crash log and solo gate, shared by its consumers.
-
-    ``closed`` is a plain attribute, read once per delivery: True while a solo run waits or
-    runs, when no other message may start.
-    """
+class CrashRecords:
+    """The worker's crash log, used from the event loop: one thread does its I/O."""
 
     def __init__(self, state_dir: Path) -> None:
         self._log = CrashLog(state_dir)
-        # One thread: the records of one worker are read and written in order.
         self._executor: ThreadPoolExecutor | None = None
-        self._consumers: list[_Slots] = []
-        self._queue: deque[asyncio.Future[None]] = deque()
-        self._solo = False
         self._failures = 0
-        self.closed = False
 
     @property
     def path(self) -> Path:
@@ -75,11 +73,6 @@ class CrashGuard:
             self._executor.shutdown(wait=True)
             self._executor = None
         self._log.close()
-
-    def watch(self, consumer: _Slots) -> None:
-        self._consumers.append(consumer)
-
-    # -- the crash log: an error is logged and the message handled as if it had no record ------
 
     async def unfinished(self, key: str) -> int | None:
         """Unfinished starts recorded for ``key``; None if the log failed (logged)."""
@@ -109,60 +102,52 @@ class CrashGuard:
         self._failures = 0
         return result
 
-    # -- the solo gate ---------------------------------------------------------------------
 
-    async def solo(self, patience: float, withdrawn: asyncio.Event) -> bool:
-        """Wait until the caller (which holds a handler slot) is the only message running.
+class CrashLoopCounter(Middleware):
+    """Dead-letters a message that keeps killing its worker (see the module documentation).
 
-        False if ``patience`` seconds passed first or ``withdrawn`` was set (shutdown): the
-        caller then returns its message unstarted. Call :meth:`release` after a True.
-        """
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(granted)
-        self.closed = True
-        self._grant()
-        withdrawing = asyncio.ensure_future(withdrawn.wait())
-        racers: set[asyncio.Future[Any]] = {granted, withdrawing}
+    One per consumer (its ``max_deliveries`` and patience); the records and the gate are the
+    worker's. ``patience``: how long a redelivery may wait for its solo run before it goes back
+    to the queue unstarted, well within the broker's ``consumer_timeout``.
+    """
+
+    def __init__(
+        self,
+        records: CrashRecords,
+        gate: SoloGate,
+        *,
+        max_starts: int,
+        patience: float,
+        vhost: str,
+    ) -> None:
+        self._records = records
+        self._gate = gate
+        self._max_starts = max_starts
+        self._patience = patience
+        self._vhost = vhost
+
+    async def around_redelivery(self, message: Message, call_next: RedeliveryNext) -> bool:
+        records = self._records
+        key = fingerprint(message, self._vhost)
+        unfinished = await records.unfinished(key)
+        if unfinished is None:  # the log failed (logged): handle it as a first delivery
+            return await call_next(message)
+        solo = bool(unfinished)
+        if solo:
+            await self._gate.solo(self._patience)  # NotAdmitted: back to the queue, no blame
         try:
-            await asyncio.wait(racers, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            if granted.done() and not granted.cancelled():
-                self.release()  # granted, but the caller will never run: pass it on
-            raise
+            if solo:  # while it waited, other deliveries of it may have finished or crashed
+                unfinished = await records.unfinished(key)
+            starts = (unfinished or 0) + 1  # the first delivery was never recorded
+            if starts >= self._max_starts:
+                if await call_next(message, end_with=CrashLoop(starts)):
+                    await records.forget(key)
+                return False
+            await records.record_start(key)
+            finished = await call_next(message)
+            if finished:
+                await records.forget(key)
+            return finished
         finally:
-            withdrawing.cancel()
-            if not granted.done():
-                self._queue.remove(granted)
-                granted.cancel()
-                self._reopen_if_idle()
-        if granted.cancelled():
-            return False
-        if withdrawn.is_set():
-            self.release()
-            return False
-        return True
-
-    def release(self) -> None:
-        """The solo run is over: hand the gate to the next one waiting, or open it."""
-        self._solo = False
-        self._grant()
-        self._reopen_if_idle()
-
-    def finished(self) -> None:
-        """A message finished while the gate was closed: a waiting solo run may start now."""
-        self._grant()
-
-    def _grant(self) -> None:
-        if self._solo or not self._queue:
-            return
-        # Everyone waiting holds a slot too; the holder of the gate is counted in its own.
-        others = sum(c.in_flight for c in self._consumers) - len(self._queue)
-        if others == 0:
-            self._solo = True
-            self._queue.popleft().set_result(None)
-
-    def _reopen_if_idle(self) -> None:
-        if not self._solo and not self._queue and self.closed:
-            self.closed = False
-            for consumer in self._consumers:
-                consumer.resume()
+            if solo:
+                self._gate.release()

@@ -12,14 +12,11 @@ path.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import threading
 from pathlib import Path
 from time import time
-
-from ._message import Message
 
 
 def default_state_dir() -> Path:
@@ -28,19 +25,6 @@ def default_state_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
     return Path(base) / "steadyrabbit"
-
-
-def fingerprint(message: Message, vhost: str) -> str:
-    """Identify a delivery across redeliveries: by message id if it has one, else by content."""
-    digest = hashlib.sha256()
-    for part in (vhost, message.queue, message.message_id or ""):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    if not message.message_id:
-        digest.update(message.routing_key.encode())
-        digest.update(b"\0")
-        digest.update(message.body)
-    return digest.hexdigest()
 
 
 class CrashLog:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from time import monotonic
@@ -200,3 +201,16 @@ def persistent_copy(
         app_id=properties.app_id,
         cluster_id=properties.cluster_id,
     )
+
+
+def fingerprint(message: Message, vhost: str) -> str:
+    """Identify a delivery across redeliveries: by message id if it has one, else by content."""
+    digest = hashlib.sha256()
+    for part in (vhost, message.queue, message.message_id or ""):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    if not message.message_id:
+        digest.update(message.routing_key.encode())
+        digest.update(b"\0")
+        digest.update(message.body)
+    return digest.hexdigest()

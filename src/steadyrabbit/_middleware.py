@@ -15,6 +15,8 @@ The life of a worker, and when each hook runs::
     the broker cancels a consumer                on_consumer_cancelled(queue)
     an async handler blocked the event loop      on_loop_blocked(culprit, seconds)
     each message:
+        around_redelivery(message, call_next)    only a message the broker flagged
+                                                 redelivered; first in the list outermost
         around_handler(message, call_next)       the first in the list is the outermost
             ... the handler ...
         (the decision: ack, retry or dead letter; for a copy, publish it:)
@@ -32,10 +34,20 @@ consumer's own.
 ``around_handler`` may end the message without running the handler by not calling
 ``call_next`` (it is then acked), or decide its outcome by raising :class:`Reject` or
 :class:`Retry`. Any other exception it raises fails the message as the handler's would. Every
-other hook is an observer: one that raises is logged and contained, and the message's path never
-changes because of it. Whatever a middleware does, settlement keeps its rules: an ack goes only
-to the channel that delivered the message, a copy is confirmed before the original is acked,
-and nothing is requeued because something failed.
+``around_redelivery`` wraps all of that (handler and settlement) for a redelivered message,
+which is where a crash loop shows. ``await call_next(message)`` returns True if the handler ran
+and finished, whatever became of its ack, and False if the run counted as a crash (an async
+handler blocked the event loop and its connection died of it).
+``await call_next(message, end_with=error)`` ends the message without running anything inside,
+settled as ``error`` decides; it returns True once the message is settled. The built-in
+crash-loop counting (:mod:`._crashguard`) is such a middleware. Like ``around_handler``, an
+exception it raises fails the message as the handler's would, unless the message was settled
+already (then it is logged and contained).
+
+Every other hook is an observer: one that raises is logged and contained, and the message's
+path never changes because of it. Whatever a middleware does, settlement keeps its rules: an
+ack goes only to the channel that delivered the message, a copy is confirmed before the
+original is acked, and nothing is requeued because something failed.
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import SteadyRabbitError
 
@@ -57,6 +69,14 @@ log = logging.getLogger("steadyrabbit")
 
 CallNext = Callable[["Message"], Awaitable[Any]]
 PublishNext = Callable[["Publish"], Awaitable[None]]
+
+
+class RedeliveryNext(Protocol):
+    """The rest of the chain, as ``around_redelivery`` calls it (see the module docs)."""
+
+    def __call__(
+        self, message: Message, /, *, end_with: BaseException | None = None
+    ) -> Awaitable[bool]: ...
 
 
 @dataclass
@@ -74,6 +94,11 @@ class Middleware:
 
     async def around_handler(self, message: Message, call_next: CallNext) -> Any:
         """Wrap the handler's run: ``await call_next(message)`` runs the rest of the chain."""
+        return await call_next(message)
+
+    async def around_redelivery(self, message: Message, call_next: RedeliveryNext) -> bool:
+        """Wrap the handling of a redelivered message: ``await call_next(message)`` runs the
+        rest; True if the handler finished, False if its run counted as a crash."""
         return await call_next(message)
 
     async def around_publish(self, publish: Publish, call_next: PublishNext) -> None:
@@ -140,6 +165,9 @@ class Hooks:
             setattr(self, f"_{hook}", table[::-1] if hook in _AFTER else table)
         self.around_handler = tuple(m for m in self.middlewares if overrides(m, "around_handler"))
         self.around_publish = tuple(m for m in self.middlewares if overrides(m, "around_publish"))
+        self.around_redelivery = tuple(
+            m for m in self.middlewares if overrides(m, "around_redelivery")
+        )
         #: Truthy when some middleware wants each message's decision.
         self.settled: tuple[Middleware, ...] = self._on_settled
         #: Truthy when some middleware wants to hear of a blocked event loop.
@@ -195,6 +223,16 @@ class Hooks:
             handler = _bind(middleware.around_handler, handler)
         return handler
 
+    def wrap_redelivery(self, settle: RedeliveryNext) -> RedeliveryNext:
+        """``settle`` (run the handler and settle, or settle as ``end_with`` decides) inside
+        every ``around_redelivery``, the first middleware outermost. ``end_with`` skips the
+        middlewares further in: like a short-circuit of ``around_handler``, they never see
+        the message."""
+        chain = settle
+        for middleware in reversed(self.around_redelivery):
+            chain = _bind_redelivery(middleware.around_redelivery, chain, settle)
+        return chain
+
     def wrap_publish(self, publish: PublishNext) -> PublishNext:
         for middleware in reversed(self.around_publish):
             publish = _bind(middleware.around_publish, publish)
@@ -204,6 +242,19 @@ class Hooks:
 def _bind(around: Callable[[Any, Any], Awaitable[Any]], inner: Any) -> Any:
     async def call(item: Any) -> Any:
         return await around(item, inner)
+
+    return call
+
+
+def _bind_redelivery(
+    around: Callable[[Message, RedeliveryNext], Awaitable[bool]],
+    inner: RedeliveryNext,
+    settle: RedeliveryNext,
+) -> RedeliveryNext:
+    async def call(message: Message, /, *, end_with: BaseException | None = None) -> bool:
+        if end_with is not None:
+            return await settle(message, end_with=end_with)
+        return await around(message, inner)
 
     return call
 

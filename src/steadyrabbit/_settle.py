@@ -26,7 +26,6 @@ import pika.spec
 from . import _headers
 from ._aio import finish
 from ._app import HandlerSpec
-from ._crashlog import fingerprint
 from ._decision import Decision, Outcome, retry_bucket_ms
 from ._errors import (
     ConnectionLostError,
@@ -34,7 +33,13 @@ from ._errors import (
     PublishRefusedError,
     SteadyRabbitError,
 )
-from ._message import Message, amqp_properties, delivery_channel, persistent_copy
+from ._message import (
+    Message,
+    amqp_properties,
+    delivery_channel,
+    fingerprint,
+    persistent_copy,
+)
 from ._middleware import Hooks, Publish
 from ._publisher import Publisher
 from ._stats import QueueCounts, Stats

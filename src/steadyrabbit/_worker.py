@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 from ._aio import finish
 from ._app import App
 from ._consumer import Consumer
-from ._crashguard import CrashGuard
+from ._crashguard import CrashLoopCounter, CrashRecords
 from ._crashlog import default_state_dir
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
+from ._gate import UNSTARTED_PATIENCE_SHARE, SoloGate
 from ._middleware import Hooks, Middleware
 from ._publisher import Publisher
 from ._settings import Settings
@@ -54,7 +55,8 @@ class Worker:
         self._watchdog: LoopLagWatchdog | None = None
         self._metrics: MetricsServer | None = None
         self._hooks = Hooks()
-        self._guard: CrashGuard | None = None
+        self._crash_records: CrashRecords | None = None
+        self._gate = SoloGate()
         self._failed: asyncio.Future[SteadyRabbitError] | None = None
         self._stopping = False
         self._closed = False
@@ -106,12 +108,13 @@ class Worker:
         """
         loop = asyncio.get_running_loop()
         settings = self.settings
-        guard = CrashGuard(settings.state_dir or default_state_dir())
+        records = CrashRecords(settings.state_dir or default_state_dir())
         # A state directory that cannot hold the crash log stops the worker now, in one
         # sentence, rather than failing on the first redelivered message.
-        await asyncio.to_thread(guard.check)
-        guard.open()
-        self._guard = guard
+        await asyncio.to_thread(records.check)
+        records.open()
+        self._crash_records = records
+        vhost = settings.addresses[0].vhost
         builtin = self._builtin_middleware()
         app_wide = [*builtin, *self.app.middleware]
         own = [m for spec in self.app.handlers for m in spec.middleware]
@@ -125,9 +128,18 @@ class Worker:
         for spec in self.app.handlers:
             if spec.threaded is not None:
                 spec.threaded.open()
-            consumer_hooks = Hooks([*app_wide, *spec.middleware])
+            # Crash-loop counting is the outermost around_redelivery: the solo run it may wait
+            # for holds everything inside it.
+            crash_loops = CrashLoopCounter(
+                records,
+                self._gate,
+                max_starts=spec.retry.max_deliveries,
+                patience=settings.consumer_timeout * UNSTARTED_PATIENCE_SHARE,
+                vhost=vhost,
+            )
+            consumer_hooks = Hooks([crash_loops, *app_wide, *spec.middleware])
             consumer = Consumer(
-                spec, consume, self._publisher, settings, self.stats, guard, consumer_hooks
+                spec, consume, self._publisher, settings, self.stats, self._gate, consumer_hooks
             )
             self._consumers.append(consumer)
         try:
@@ -201,6 +213,7 @@ class Worker:
             return True
         grace = self.settings.grace_period if grace_period is None else grace_period
         self._stopping = True
+        self._gate.withdraw()
         await asyncio.gather(*(c.stop_consuming() for c in self._consumers))
         running = self.in_flight
         if running:
@@ -222,6 +235,7 @@ class Worker:
         if self._closed:
             return
         self._stopping = True
+        self._gate.withdraw()
         await asyncio.gather(*(c.abort() for c in self._consumers))
         await self._close()
 
@@ -248,8 +262,8 @@ class Worker:
             except Exception:
                 log.exception("shutdown hook %r failed", hook)
         await asyncio.gather(*(consumer.close() for consumer in self._consumers))
-        if self._guard is not None:
-            self._guard.close()
+        if self._crash_records is not None:
+            self._crash_records.close()
         if self._publisher is not None:
             self._publisher.close()
         for supervisor in self._supervisors:
