@@ -10,7 +10,6 @@ import asyncio
 import email
 import email.policy
 import email.utils
-import functools
 import json
 import logging
 import os
@@ -23,13 +22,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -58,7 +57,9 @@ from steadyrabbit._alert_settings import parse_smtp_url
 from steadyrabbit._alerts import Alerter, _secrets_of
 from steadyrabbit._url import scrub
 from tests._broker import BrokerNode, close_main_broker_connections
-from tests.conftest import MAIN_URL, Admin, eventually
+from tests.conftest import MAIN_URL, Admin, MakeSettings, eventually
+
+pytestmark = pytest.mark.anyio
 
 SMTP_USER = "alert-bot"
 SMTP_PASSWORD = "smtp-Pw-7f3a9c"  # distinctive: must never show up in a mail or a log line
@@ -66,7 +67,6 @@ HOOK_PASSWORD = "hook-Pw-51d0e2"
 HOOK_PATH_SECRET = "T0KEN-PATH-88ab"
 HOOK_TOKEN = "qtoken-c0ffee42"
 BROKER_PASSWORD = "broker-Pw-9e1b7d"  # inside an exception message: masked in the alert
-P = ParamSpec("P")
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = (SMTP_PASSWORD, HOOK_PASSWORD, HOOK_PATH_SECRET, HOOK_TOKEN, BROKER_PASSWORD)
 
@@ -182,25 +182,23 @@ def hook() -> Iterator[Hook]:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def in_loop(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
-    """Run an async test in a fresh event loop (fixtures are resolved from its signature)."""
-
-    @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        asyncio.run(test(*args, **kwargs))
-
-    return run
+WorkerSettings = Callable[..., Settings]
 
 
-def worker_settings(**alerts: Any) -> Settings:
-    return Settings(
-        urls=(MAIN_URL,),
-        connect_timeout=10.0,
-        reconnect_delay=0.1,
-        reconnect_delay_max=0.5,
-        name=f"alerts-test-{uuid.uuid4().hex[:8]}",
-        alerts=AlertSettings(**alerts),
-    )
+@pytest.fixture
+def worker_settings(make_settings: MakeSettings) -> WorkerSettings:
+    """``make_settings`` for an alerting worker on the machine's broker: a name of its own,
+    reconnects from 0.1 s up to 0.5 s; the keyword arguments are its ``AlertSettings``."""
+
+    def make(**alerts: Any) -> Settings:
+        return make_settings(
+            reconnect_delay=0.1,
+            reconnect_delay_max=0.5,
+            name=f"alerts-test-{uuid.uuid4().hex[:8]}",
+            alerts=AlertSettings(**alerts),
+        )
+
+    return make
 
 
 def both(mailbox: Mailbox, hook: Hook, **overrides: Any) -> dict[str, Any]:
@@ -241,9 +239,8 @@ def failing_app(queue: str, errors: dict[bytes, type[Exception]] | None = None) 
 # -- 1. one group, once -----------------------------------------------------------------------
 
 
-@in_loop
 async def test_dead_letters_with_one_error_send_one_mail_and_one_post_per_group(
-    admin: Admin, queue_name: str, mailbox: Mailbox, hook: Hook
+    admin: Admin, queue_name: str, mailbox: Mailbox, hook: Hook, worker_settings: WorkerSettings
 ) -> None:
     admin.declare(queue_name)
     bodies = [b"{" + b"x" * 1000 + str(i).encode() + b"}" for i in range(5)]
@@ -298,9 +295,8 @@ def _b64(text: str) -> str:
 # -- 2. two errors, two groups ----------------------------------------------------------------
 
 
-@in_loop
 async def test_two_errors_make_two_groups_in_one_notification(
-    admin: Admin, queue_name: str, mailbox: Mailbox, hook: Hook
+    admin: Admin, queue_name: str, mailbox: Mailbox, hook: Hook, worker_settings: WorkerSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"v1", b"t1", b"v2", b"t2", b"t3"])
@@ -322,9 +318,8 @@ async def test_two_errors_make_two_groups_in_one_notification(
 # -- 3. muting and the follow-up --------------------------------------------------------------
 
 
-@in_loop
 async def test_a_notified_group_is_muted_then_followed_up_once_with_the_count(
-    admin: Admin, queue_name: str, hook: Hook
+    admin: Admin, queue_name: str, hook: Hook, worker_settings: WorkerSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"a", b"b"])
@@ -348,9 +343,8 @@ async def test_a_notified_group_is_muted_then_followed_up_once_with_the_count(
     assert group["queue"] == queue_name
 
 
-@in_loop
 async def test_pending_groups_are_sent_when_the_worker_stops(
-    admin: Admin, queue_name: str, hook: Hook
+    admin: Admin, queue_name: str, hook: Hook, worker_settings: WorkerSettings
 ) -> None:
     admin.declare(queue_name)
     admin.publish(queue_name, [b"a", b"b"])
@@ -368,9 +362,8 @@ async def test_pending_groups_are_sent_when_the_worker_stops(
 # -- 4. repeated reconnects -------------------------------------------------------------------
 
 
-@in_loop
 async def test_repeated_reconnects_raise_one_alert(
-    admin: Admin, queue_name: str, hook: Hook
+    admin: Admin, queue_name: str, hook: Hook, worker_settings: WorkerSettings
 ) -> None:
     admin.declare(queue_name)
     app = App()
@@ -424,9 +417,8 @@ async def test_repeated_reconnects_raise_one_alert(
 # -- 5. a stuck handler -----------------------------------------------------------------------
 
 
-@in_loop
 async def test_a_handler_running_past_stuck_after_alerts_once(
-    admin: Admin, queue_name: str, hook: Hook
+    admin: Admin, queue_name: str, hook: Hook, worker_settings: WorkerSettings
 ) -> None:
     admin.declare(queue_name)
     release = threading.Event()
@@ -458,9 +450,12 @@ async def test_a_handler_running_past_stuck_after_alerts_once(
 
 
 @pytest.mark.private_node
-@in_loop
 async def test_a_channel_closed_by_consumer_timeout_alerts_once(
-    private_node: BrokerNode, private_admin: Admin, queue_name: str, hook: Hook
+    private_node: BrokerNode,
+    private_admin: Admin,
+    queue_name: str,
+    hook: Hook,
+    make_settings: MakeSettings,
 ) -> None:
     """Seed 1's failure, staged on the private node (consumer_timeout 5 s): a handler outruns
     it, the broker closes the channel; one alert names the queue and the broker's reason."""
@@ -474,9 +469,8 @@ async def test_a_channel_closed_by_consumer_timeout_alerts_once(
         if len(calls) == 1:
             time.sleep(7)  # past the node's 5 s consumer_timeout
 
-    settings = Settings(
-        urls=(private_node.url,),
-        connect_timeout=10.0,
+    settings = make_settings(
+        private_node.url,
         consumer_timeout=5.0,
         name=f"alerts-test-{uuid.uuid4().hex[:8]}",
         alerts=AlertSettings(webhook_url=hook.url, group_wait=0.2, stuck_after=60),
@@ -498,9 +492,8 @@ async def test_a_channel_closed_by_consumer_timeout_alerts_once(
     assert "consumer_timeout" in hook.posts[0]["text"]
 
 
-@in_loop
 async def test_a_handler_blocking_the_event_loop_alerts_once_naming_it(
-    admin: Admin, queue_name: str, hook: Hook
+    admin: Admin, queue_name: str, hook: Hook, worker_settings: WorkerSettings
 ) -> None:
     admin.declare(queue_name)
     app = App()
@@ -547,8 +540,12 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize(
     ("scheme", "trusted"), [("smtps", True), ("smtp+starttls", True), ("smtp+starttls", False)]
 )
-def test_e_mail_over_tls_verifies_the_server_and_logs_in_encrypted(
-    scheme: str, trusted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_e_mail_over_tls_verifies_the_server_and_logs_in_encrypted(
+    scheme: str,
+    trusted: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_settings: MakeSettings,
 ) -> None:
     cert, key = self_signed_certificate(tmp_path)
     # The client verifies the server as usual, against this certificate instead of the system's
@@ -582,16 +579,12 @@ def test_e_mail_over_tls_verifies_the_server_and_logs_in_encrypted(
         group_wait=0.1,
     )  # fmt: skip
 
-    async def scenario() -> Alerter:
-        alerter = Alerter(alerts, Settings(urls=(MAIN_URL,)))
+    try:
+        alerter = Alerter(alerts, make_settings())
         alerter.start()
         alerter.dead_lettered("orders", "ValueError", "bad order", b"{}")
         await eventually(lambda: bool(box.mails) or alerter.failed > 0, within=15, what="a send")
         await alerter.aclose()
-        return alerter
-
-    try:
-        alerter = asyncio.run(scenario())
     finally:
         controller.stop()
     if not trusted:
@@ -606,9 +599,12 @@ def test_e_mail_over_tls_verifies_the_server_and_logs_in_encrypted(
 # -- 6. dead destinations ---------------------------------------------------------------------
 
 
-@in_loop
 async def test_dead_smtp_and_failing_webhook_log_one_line_and_the_worker_carries_on(
-    admin: Admin, queue_name: str, hook: Hook, caplog: pytest.LogCaptureFixture
+    admin: Admin,
+    queue_name: str,
+    hook: Hook,
+    caplog: pytest.LogCaptureFixture,
+    worker_settings: WorkerSettings,
 ) -> None:
     hook.status = 500
     dead_port = _free_port()  # nothing listens there
@@ -655,8 +651,9 @@ async def test_dead_smtp_and_failing_webhook_log_one_line_and_the_worker_carries
 # -- off by default ---------------------------------------------------------------------------
 
 
-@in_loop
-async def test_without_alert_settings_nothing_runs(admin: Admin, queue_name: str) -> None:
+async def test_without_alert_settings_nothing_runs(
+    admin: Admin, queue_name: str, make_settings: MakeSettings
+) -> None:
     admin.declare(queue_name)
     app = App()
 
@@ -664,8 +661,7 @@ async def test_without_alert_settings_nothing_runs(admin: Admin, queue_name: str
     def handle(message: Message) -> None:
         pass
 
-    settings = Settings(urls=(MAIN_URL,), connect_timeout=10.0)
-    async with Worker(app, settings) as worker:
+    async with Worker(app, make_settings()) as worker:
         assert not any(t.get_name() == "alerter" for t in asyncio.all_tasks())
         assert all(c.running() == [] for c in worker.consumers)
         assert worker.consumers[0]._processing is None

@@ -122,7 +122,7 @@ def test_a_copy_never_carries_routing_headers_or_a_user_id(
     max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(headers=_HEADERS, targets=st.lists(st.sampled_from(["self", "other"]), max_size=3))
-def test_generated_headers_give_exactly_max_attempts_runs_and_one_dead_letter(
+async def test_generated_headers_give_exactly_max_attempts_runs_and_one_dead_letter(
     admin: Admin, headers: dict[str, Any], targets: list[str], make_settings: MakeSettings
 ) -> None:
     """On the broker, for generated headers with CC/BCC naming the queue or another one."""
@@ -137,13 +137,10 @@ def test_generated_headers_give_exactly_max_attempts_runs_and_one_dead_letter(
     sent = {**headers, **({"CC": routed} if routed else {})}
     admin.publish(queue, [b"m"], properties=pika.BasicProperties(delivery_mode=2, headers=sent))
 
-    async def scenario() -> None:
+    try:
         async with Worker(app, make_settings()) as worker:
             await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
             await asyncio.sleep(0.3)
-
-    try:
-        asyncio.run(scenario())
         assert runs == [b"m"] * 3
         assert admin.counts(other) == ((1 if other in routed else 0), 0)
         assert admin.counts(f"{queue}.dlq") == (1, 0)

@@ -24,7 +24,7 @@ from steadyrabbit._errors import ConfigurationError
 from steadyrabbit._ops.demo.result import DemoResult, format_summary
 from steadyrabbit._ops.demo.run import run_demo
 from steadyrabbit._settings import Settings
-from tests.conftest import MAIN_URL, Admin
+from tests.conftest import MAIN_URL, Admin, MakeSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -42,11 +42,6 @@ def exchange(queue_name: str) -> Iterator[str]:
         admin = Admin(MAIN_URL)
         admin.delete(*(queue_name + suffix for suffix in RETRY_QUEUES))
         admin.delete_exchange(name)
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(urls=(MAIN_URL,), state_dir=tmp_path, connect_timeout=10)
 
 
 class _Terminal(io.StringIO):
@@ -99,11 +94,11 @@ def _check_accounts(result: DemoResult) -> None:
 
 
 async def test_demo_survives_the_reset_and_accounts_for_every_message(
-    settings: Settings, queue_name: str, exchange: str, admin: Admin
+    make_settings: MakeSettings, queue_name: str, exchange: str, admin: Admin
 ) -> None:
     out = io.StringIO()
     result = await run_demo(
-        settings,
+        make_settings(),
         out=out,
         messages=MESSAGES,
         concurrency=4,
@@ -129,7 +124,7 @@ async def test_demo_survives_the_reset_and_accounts_for_every_message(
 
 
 async def test_leftovers_of_an_interrupted_run_do_not_skew_it_and_keep_leaves_the_queues(
-    settings: Settings, queue_name: str, exchange: str, admin: Admin
+    make_settings: MakeSettings, queue_name: str, exchange: str, admin: Admin
 ) -> None:
     # What an interrupted run leaves: messages in the queue and its dead-letter queue, and a
     # retry queue that a changed delay would make conflict with the demo's declaration.
@@ -140,7 +135,7 @@ async def test_leftovers_of_an_interrupted_run_do_not_skew_it_and_keep_leaves_th
     await admin.run(admin.declare, f"{queue_name}.retry.500ms", {"x-message-ttl": 12345})
     out = _Terminal()
     result = await run_demo(
-        settings,
+        make_settings(),
         out=out,
         messages=MESSAGES,
         concurrency=4,
@@ -164,7 +159,7 @@ async def test_leftovers_of_an_interrupted_run_do_not_skew_it_and_keep_leaves_th
 
 
 async def test_a_queue_with_a_consumer_is_left_alone(
-    settings: Settings, queue_name: str, exchange: str, admin: Admin
+    make_settings: MakeSettings, queue_name: str, exchange: str, admin: Admin
 ) -> None:
     """Another run (or anything else) consuming the demo's queue: refuse rather than delete it."""
     await admin.run(admin.declare, queue_name)
@@ -172,7 +167,9 @@ async def test_a_queue_with_a_consumer_is_left_alone(
     with pika.BlockingConnection(pika.URLParameters(MAIN_URL)) as connection:
         connection.channel().basic_consume(queue_name, lambda *_: None)
         with pytest.raises(ConfigurationError, match=r"has 1 consumer.*another demo running"):
-            await run_demo(settings, out=io.StringIO(), queue=queue_name, exchange=exchange)
+            await run_demo(
+                make_settings(), out=io.StringIO(), queue=queue_name, exchange=exchange
+            )
     assert await admin.run(admin.counts, queue_name) == (1, 0)
 
 

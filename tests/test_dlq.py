@@ -47,9 +47,8 @@ from steadyrabbit._ops.dlq import (
     show_dead_letter,
 )
 from steadyrabbit._preview import PREVIEW_CHARS, body_preview
-from steadyrabbit._settings import Settings
 from tests._strategies import HEADER_VALUES
-from tests.conftest import MAIN_URL, SESSION_PREFIX, Admin, eventually
+from tests.conftest import MAIN_URL, SESSION_PREFIX, Admin, MakeSettings, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -114,10 +113,6 @@ def fill_dlq(admin: Admin, queue: str, letters: list[Letter]) -> None:
 
 def bodies(messages: list[tuple[pika.BasicProperties, bytes]]) -> list[bytes]:
     return [body for _props, body in messages]
-
-
-def settings() -> Settings:
-    return Settings(urls=(MAIN_URL,), connect_timeout=10)
 
 
 # -- running the command line ------------------------------------------------------------------
@@ -286,14 +281,16 @@ def test_list_an_empty_dead_letter_queue(admin: Admin, queue_name: str) -> None:
     assert succeeded(steadyrabbit("dlq", "list", queue_name)) == f"{queue_name}.dlq is empty\n"
 
 
-async def test_list_dead_letters_from_code(admin: Admin, queue_name: str) -> None:
+async def test_list_dead_letters_from_code(
+    admin: Admin, queue_name: str, make_settings: MakeSettings
+) -> None:
     letters = [
         Letter("café\x00\n".encode() + b"\xff", attempts=None, queue_header=False),
         Letter(b"y" * 500, "TimeoutError", "took too long"),
     ]
     fill_dlq(admin, queue_name, letters)
 
-    report = await list_dead_letters(settings(), queue_name, limit=1)
+    report = await list_dead_letters(make_settings(), queue_name, limit=1)
 
     assert (report.count, len(report.entries)) == (2, 1)
     entry = report.entries[0]
@@ -304,7 +301,7 @@ async def test_list_dead_letters_from_code(admin: Admin, queue_name: str) -> Non
     assert entry.exception == "ValueError"
     assert entry.first_failed_at == "2024-05-01T12:00:00.000+00:00"
 
-    report = await list_dead_letters(settings(), queue_name)
+    report = await list_dead_letters(make_settings(), queue_name)
     assert [e.position for e in report.entries] == [1, 2]
     assert len(report.entries[1].body_preview) == PREVIEW_CHARS
     assert report.entries[1].exception == "TimeoutError"
@@ -543,14 +540,14 @@ def test_show_a_message_that_is_not_there_is_one_clear_line(
 
 
 async def test_replay_moves_every_message_back_once_without_its_failure_record(
-    admin: Admin, queue_name: str
+    admin: Admin, queue_name: str, make_settings: MakeSettings
 ) -> None:
     letters = [Letter(f"order {i}".encode(), queue_header=i != 2) for i in range(5)]
     fill_dlq(admin, queue_name, letters)
     calls: list[tuple[int, int]] = []
 
     result = await replay_dead_letters(
-        settings(), queue_name, progress=lambda done, total: calls.append((done, total))
+        make_settings(), queue_name, progress=lambda done, total: calls.append((done, total))
     )
 
     assert (result.total, result.replayed, result.skipped, result.remaining) == (5, 5, 0, 0)
@@ -618,8 +615,8 @@ class Seen:
     headers: dict[str, Any]
 
 
-def test_a_replayed_message_keeps_its_origin_and_goes_nowhere_else(
-    admin: Admin, queue_name: str, topic_exchange: str, tmp_path: Path
+async def test_a_replayed_message_keeps_its_origin_and_goes_nowhere_else(
+    admin: Admin, queue_name: str, topic_exchange: str, make_settings: MakeSettings
 ) -> None:
     """Issue 8: after a replay the original routing key was gone. Now a handler sees the same
     exchange, routing key and attempt number as on the first delivery, and the replay neither
@@ -649,15 +646,15 @@ def test_a_replayed_message_keeps_its_origin_and_goes_nowhere_else(
         if len(seen) == 1:
             raise Reject("not yet")
 
-    worker_settings = Settings(urls=(MAIN_URL,), connect_timeout=10, state_dir=tmp_path)
+    settings = make_settings()
 
     async def work_until(done: Callable[[Worker], bool]) -> None:
-        async with Worker(app, worker_settings) as worker:
+        async with Worker(app, settings) as worker:
             await eventually(lambda: done(worker), what="the handler's outcome")
 
     try:
-        asyncio.run(work_until(lambda worker: worker.stats.dead_lettered == 1))
-        result = asyncio.run(replay_dead_letters(settings(), queue_name))
+        await work_until(lambda worker: worker.stats.dead_lettered == 1)
+        result = await replay_dead_letters(settings, queue_name)
         assert result.replayed == 1
 
         [(props, body)] = peek(admin, queue_name)
@@ -676,7 +673,7 @@ def test_a_replayed_message_keeps_its_origin_and_goes_nowhere_else(
         assert props.message_id == "contract-7"
         assert admin.counts(cc_queue) == (0, 0)
 
-        asyncio.run(work_until(lambda worker: worker.stats.acked == 1))
+        await work_until(lambda worker: worker.stats.acked == 1)
         assert [(s.exchange, s.routing_key, s.attempt) for s in seen] == [
             (topic_exchange, "a.b.c", 1),
             (topic_exchange, "a.b.c", 1),  # attempts start again after a replay
@@ -769,8 +766,13 @@ def test_replay_headers_keep_the_origin_and_never_route_or_claim_a_user(
     routed=st.lists(st.sampled_from(["self", "other"]), max_size=3),
     as_guest=st.booleans(),
 )
-def test_generated_dead_letters_replay_to_their_queue_alone(
-    admin: Admin, user: dict[str, Any], ours: dict[str, Any], routed: list[str], as_guest: bool
+async def test_generated_dead_letters_replay_to_their_queue_alone(
+    admin: Admin,
+    user: dict[str, Any],
+    ours: dict[str, Any],
+    routed: list[str],
+    as_guest: bool,
+    make_settings: MakeSettings,
 ) -> None:
     """On the broker: dead letters (old ones too) whose CC/BCC name the queue or another one,
     with and without a user_id, are replayed exactly once, to their queue only."""
@@ -791,7 +793,7 @@ def test_generated_dead_letters_replay_to_their_queue_alone(
         admin.drain(queue)  # what the CC/BCC of this publish put there: not the replay's doing
         admin.drain(other)
 
-        result = asyncio.run(replay_dead_letters(settings(), queue))
+        result = await replay_dead_letters(make_settings(), queue)
 
         assert result.replayed == 1
         [(replayed, body)] = admin.drain(queue)
@@ -807,7 +809,7 @@ def test_generated_dead_letters_replay_to_their_queue_alone(
 
 
 async def test_a_quorum_dead_letter_queue_count_of_looks_is_not_replayed(
-    admin: Admin, queue_name: str
+    admin: Admin, queue_name: str, make_settings: MakeSettings
 ) -> None:
     """A quorum queue counts every delivery in x-delivery-count, the looks of `dlq list` and
     `dlq show` too: that count belongs to the dead letter, not to the replayed message."""
@@ -816,14 +818,14 @@ async def test_a_quorum_dead_letter_queue_count_of_looks_is_not_replayed(
     props = dead_letter_properties(queue_name, 0, Letter(b"q"))
     admin.publish(f"{queue_name}.dlq", [b"q"], properties=props)
     for _ in range(2):
-        report = await list_dead_letters(settings(), queue_name)
+        report = await list_dead_letters(make_settings(), queue_name)
         assert report.count == 1
     [(looked_at, _)] = peek(admin, f"{queue_name}.dlq")
     looks = (looked_at.headers or {})["x-delivery-count"]
     assert isinstance(looks, int)
     assert looks >= 2  # what the broker adds
 
-    await replay_dead_letters(settings(), queue_name)
+    await replay_dead_letters(make_settings(), queue_name)
 
     [(replayed, body)] = admin.drain(queue_name)
     assert body == b"q"
@@ -831,7 +833,7 @@ async def test_a_quorum_dead_letter_queue_count_of_looks_is_not_replayed(
 
 
 async def test_replay_sends_each_message_to_the_queue_it_failed_in(
-    admin: Admin, queue_name: str
+    admin: Admin, queue_name: str, make_settings: MakeSettings
 ) -> None:
     other = f"{queue_name}-other"
     admin.declare(other)
@@ -849,7 +851,7 @@ async def test_replay_sends_each_message_to_the_queue_it_failed_in(
                 props = dead_letter_properties(target, index, Letter(body))
                 channel.basic_publish("", f"{queue_name}.dlq", body, props)
 
-        result = await replay_dead_letters(settings(), queue_name)
+        result = await replay_dead_letters(make_settings(), queue_name)
 
         assert result.replayed == 3
         assert bodies(admin.drain(queue_name)) == [b"mine", b"mine too"]
@@ -927,13 +929,13 @@ def test_replay_by_an_id_that_is_not_there_moves_nothing_and_exits_1(
 
 
 async def test_replay_with_an_id_and_an_error_filter_needs_both(
-    admin: Admin, queue_name: str
+    admin: Admin, queue_name: str, make_settings: MakeSettings
 ) -> None:
     letters = [Letter(b"0", "KeyError", "KeyError: x"), Letter(b"1", "ValueError", "bad")]
     fill_dlq(admin, queue_name, letters)
 
     result = await replay_dead_letters(
-        settings(), queue_name, message_id="msg-1", error_filter="keyerror"
+        make_settings(), queue_name, message_id="msg-1", error_filter="keyerror"
     )
 
     assert (result.replayed, result.skipped) == (0, 2)
@@ -941,7 +943,7 @@ async def test_replay_with_an_id_and_an_error_filter_needs_both(
 
 
 async def test_replay_to_a_queue_that_refuses_it_keeps_the_message(
-    admin: Admin, queue_name: str
+    admin: Admin, queue_name: str, make_settings: MakeSettings
 ) -> None:
     admin.declare(queue_name, {"x-max-length": 1, "x-overflow": "reject-publish"})
     admin.publish(queue_name, [b"full"])
@@ -951,18 +953,22 @@ async def test_replay_to_a_queue_that_refuses_it_keeps_the_message(
         admin.publish(f"{queue_name}.dlq", [body], properties=props)
 
     with pytest.raises(PublishRefusedError, match=r"cannot replay to queue .*: the broker refused"):
-        await replay_dead_letters(settings(), queue_name)
+        await replay_dead_letters(make_settings(), queue_name)
 
     assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"first", b"second"]
     assert bodies(admin.drain(queue_name)) == [b"full"]
 
 
-async def test_replay_with_a_filter_and_a_limit(admin: Admin, queue_name: str) -> None:
+async def test_replay_with_a_filter_and_a_limit(
+    admin: Admin, queue_name: str, make_settings: MakeSettings
+) -> None:
     kinds = ["KeyError", "ValueError"] * 4
     letters = [Letter(f"{i}".encode(), kind, f"{kind}: boom") for i, kind in enumerate(kinds)]
     fill_dlq(admin, queue_name, letters)
 
-    result = await replay_dead_letters(settings(), queue_name, limit=2, error_filter="valueerror")
+    result = await replay_dead_letters(
+        make_settings(), queue_name, limit=2, error_filter="valueerror"
+    )
 
     assert (result.replayed, result.skipped, result.remaining) == (2, 2, 6)
     assert bodies(admin.drain(queue_name)) == [b"1", b"3"]
@@ -970,7 +976,7 @@ async def test_replay_with_a_filter_and_a_limit(admin: Admin, queue_name: str) -
 
 
 async def test_messages_dead_lettered_during_a_replay_are_not_replayed(
-    admin: Admin, queue_name: str
+    admin: Admin, queue_name: str, make_settings: MakeSettings
 ) -> None:
     fill_dlq(admin, queue_name, [Letter(f"old {i}".encode()) for i in range(5)])
 
@@ -978,14 +984,16 @@ async def test_messages_dead_lettered_during_a_replay_are_not_replayed(
         if done == 1:  # blocking, briefly: as if a worker dead-lettered these meanwhile
             admin.publish(f"{queue_name}.dlq", [b"new 1", b"new 2"])
 
-    result = await replay_dead_letters(settings(), queue_name, progress=fail_again)
+    result = await replay_dead_letters(make_settings(), queue_name, progress=fail_again)
 
     assert (result.total, result.replayed, result.remaining) == (5, 5, 0)
     assert bodies(admin.drain(queue_name)) == [f"old {i}".encode() for i in range(5)]
     assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"new 1", b"new 2"]
 
 
-async def test_a_stop_event_finishes_the_message_in_hand(admin: Admin, queue_name: str) -> None:
+async def test_a_stop_event_finishes_the_message_in_hand(
+    admin: Admin, queue_name: str, make_settings: MakeSettings
+) -> None:
     fill_dlq(admin, queue_name, [Letter(f"{i}".encode()) for i in range(10)])
     stop = asyncio.Event()
 
@@ -993,7 +1001,9 @@ async def test_a_stop_event_finishes_the_message_in_hand(admin: Admin, queue_nam
         if done == 3:
             stop.set()
 
-    result = await replay_dead_letters(settings(), queue_name, progress=stop_at_three, stop=stop)
+    result = await replay_dead_letters(
+        make_settings(), queue_name, progress=stop_at_three, stop=stop
+    )
 
     assert result.stopped
     assert (result.replayed, result.remaining) == (3, 7)
@@ -1002,13 +1012,13 @@ async def test_a_stop_event_finishes_the_message_in_hand(admin: Admin, queue_nam
 
 
 async def test_replay_to_a_queue_that_is_gone_keeps_the_message(
-    admin: Admin, queue_name: str
+    admin: Admin, queue_name: str, make_settings: MakeSettings
 ) -> None:
     fill_dlq(admin, queue_name, [Letter(b"first"), Letter(b"second")])
     admin.delete(queue_name)  # the original queue is gone; its .dlq stays
 
     with pytest.raises(ConfigurationError, match=r"cannot replay to queue .* does not exist"):
-        await replay_dead_letters(settings(), queue_name)
+        await replay_dead_letters(make_settings(), queue_name)
 
     assert bodies(admin.drain(f"{queue_name}.dlq")) == [b"first", b"second"]
 
@@ -1118,10 +1128,10 @@ def test_purge_without_yes_and_without_a_terminal_refuses(admin: Admin, queue_na
     assert admin.counts(f"{queue_name}.dlq") == (2, 0)
 
 
-async def test_purge_from_code(admin: Admin, queue_name: str) -> None:
+async def test_purge_from_code(admin: Admin, queue_name: str, make_settings: MakeSettings) -> None:
     fill_dlq(admin, queue_name, [Letter(b"1"), Letter(b"2")])
-    assert await purge_dead_letters(settings(), queue_name) == 2
-    assert await purge_dead_letters(settings(), queue_name) == 0
+    assert await purge_dead_letters(make_settings(), queue_name) == 2
+    assert await purge_dead_letters(make_settings(), queue_name) == 0
 
 
 # -- a queue without a dead-letter queue -------------------------------------------------------
@@ -1143,12 +1153,14 @@ def test_a_missing_dead_letter_queue_is_one_clear_line(
     assert message == f"queue {queue_name!r} has no dead-letter queue {queue_name}.dlq"
 
 
-async def test_a_missing_dead_letter_queue_from_code(queue_name: str) -> None:
+async def test_a_missing_dead_letter_queue_from_code(
+    queue_name: str, make_settings: MakeSettings
+) -> None:
     for call in (list_dead_letters, replay_dead_letters, purge_dead_letters):
         with pytest.raises(ConfigurationError, match="has no dead-letter queue"):
-            await call(settings(), queue_name)
+            await call(make_settings(), queue_name)
     with pytest.raises(ConfigurationError, match="has no dead-letter queue"):
-        await show_dead_letter(settings(), queue_name, 1)
+        await show_dead_letter(make_settings(), queue_name, 1)
 
 
 def test_dlq_help() -> None:

@@ -29,9 +29,11 @@ import pika
 import pika.exceptions
 import pytest
 
-from steadyrabbit import App, Message, Settings, Worker
+from steadyrabbit import App, Message, Worker
 from tests._broker import BrokerNode
-from tests.conftest import MAIN_URL, Admin, eventually
+from tests.conftest import MAIN_URL, Admin, MakeSettings, eventually
+
+pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK = 0
@@ -128,15 +130,18 @@ def api(node: BrokerNode, path: str) -> Any:
     return response.json() if response.status_code == 200 else None
 
 
-def wait_for_stats(node: BrokerNode, queue: str, check: Callable[[dict[str, Any]], bool]) -> None:
+async def wait_for_stats(
+    node: BrokerNode, queue: str, check: Callable[[dict[str, Any]], bool]
+) -> None:
     """The management API's statistics lag the broker by up to its collection interval (5 s):
-    wait until they show what a test staged, so that doctor sees it too."""
+    wait until they show what a test staged, so that doctor sees it too. The API is asked from
+    a thread: a worker under test may be running on the event loop."""
 
-    def ready() -> bool:
-        data = api(node, f"queues/%2F/{quote(queue, safe='')}")
+    async def ready() -> bool:
+        data = await asyncio.to_thread(api, node, f"queues/%2F/{quote(queue, safe='')}")
         return isinstance(data, dict) and check(data)
 
-    asyncio.run(eventually(ready, within=30, what=f"management statistics of {queue}"))
+    await eventually(ready, within=30, what=f"management statistics of {queue}")
 
 
 class RawConsumer:
@@ -203,7 +208,7 @@ class RawConsumer:
 
 
 @needs_node
-def test_seed1_unlimited_prefetch_with_slow_handler_is_critical_and_real(
+async def test_seed1_unlimited_prefetch_with_slow_handler_is_critical_and_real(
     node: BrokerNode, node_admin: Admin
 ) -> None:
     """A pika consumer with no prefetch limit and a 2 s handler: doctor names the failure and
@@ -212,7 +217,7 @@ def test_seed1_unlimited_prefetch_with_slow_handler_is_critical_and_real(
     node_admin.declare(queue)
     node_admin.declare(f"{queue}.dlq")
     with RawConsumer(node.url, queue, prefetch=0, handler_seconds=2) as consumer:
-        wait_for_stats(node, queue, lambda q: len(q.get("consumer_details") or []) == 1)
+        await wait_for_stats(node, queue, lambda q: len(q.get("consumer_details") or []) == 1)
 
         result = doctor(queue, *node_args(node), "--handler-seconds", "2")
         assert result.status == EXIT_FAILURE, result.output
@@ -235,7 +240,7 @@ def test_seed1_unlimited_prefetch_with_slow_handler_is_critical_and_real(
 
         # What doctor predicted, the broker does: 6 messages of 2 s each, all prefetched.
         node_admin.publish(queue, [b"{}"] * 6)
-        asyncio.run(eventually(lambda: bool(consumer.errors), within=30, what="channel closed"))
+        await eventually(lambda: bool(consumer.errors), within=30, what="channel closed")
     [error] = consumer.errors
     assert isinstance(error, pika.exceptions.ChannelClosedByBroker)
     assert error.reply_code == 406
@@ -243,14 +248,14 @@ def test_seed1_unlimited_prefetch_with_slow_handler_is_critical_and_real(
 
 
 @needs_node
-def test_finite_prefetch_deeper_than_the_timeout_is_critical(
+async def test_finite_prefetch_deeper_than_the_timeout_is_critical(
     node: BrokerNode, node_admin: Admin
 ) -> None:
     queue = unique("deep")
     node_admin.declare(queue)
     node_admin.declare(f"{queue}.dlq")
     with RawConsumer(node.url, queue, prefetch=3, handler_seconds=0):
-        wait_for_stats(node, queue, lambda q: len(q.get("consumer_details") or []) == 1)
+        await wait_for_stats(node, queue, lambda q: len(q.get("consumer_details") or []) == 1)
         deep = doctor(queue, *node_args(node), "--handler-seconds", "2")
         safe = doctor(queue, *node_args(node), "--handler-seconds", "1")
     assert deep.status == EXIT_FAILURE, deep.output
@@ -346,13 +351,13 @@ def test_heartbeat_off_or_too_short_warns(args: list[str], title: str) -> None:
 
 
 @needs_node
-def test_live_consumer_with_heartbeats_off_warns(node: BrokerNode, node_admin: Admin) -> None:
+async def test_live_consumer_with_heartbeats_off_warns(node: BrokerNode, node_admin: Admin) -> None:
     queue = unique("nohb")
     node_admin.declare(queue)
     node_admin.declare(f"{queue}.dlq")
     url = f"{node.url}?heartbeat=0"
     with RawConsumer(url, queue, prefetch=1, handler_seconds=0):
-        wait_for_stats(node, queue, lambda q: len(q.get("consumer_details") or []) == 1)
+        await wait_for_stats(node, queue, lambda q: len(q.get("consumer_details") or []) == 1)
         result = doctor(queue, *node_args(node), "--handler-seconds", "1")
     assert result.status == EXIT_OK, result.output
     assert result.marked("!") == [f"! queue {queue}: 1 consumer with heartbeats off"]
@@ -373,13 +378,13 @@ def test_queue_without_dead_letter_route_warns_without_management(queue_name: st
 
 
 @needs_node
-def test_dead_letter_routes_with_management(node: BrokerNode, node_admin: Admin) -> None:
+async def test_dead_letter_routes_with_management(node: BrokerNode, node_admin: Admin) -> None:
     bare, with_dlx, missing_dlx = unique("bare"), unique("dlx"), unique("gone")
     node_admin.declare(bare)
     node_admin.declare(with_dlx, {"x-dead-letter-exchange": "amq.direct"})
     node_admin.declare(missing_dlx, {"x-dead-letter-exchange": "no-such-exchange"})
     for queue in (bare, with_dlx, missing_dlx):
-        wait_for_stats(node, queue, lambda q: True)
+        await wait_for_stats(node, queue, lambda q: True)
     result = doctor(bare, with_dlx, missing_dlx, *node_args(node))
     assert result.status == EXIT_OK, result.output
     assert result.marked("!") == [
@@ -390,13 +395,13 @@ def test_dead_letter_routes_with_management(node: BrokerNode, node_admin: Admin)
 
 
 @needs_node
-def test_x_consumer_timeout_on_a_broker_before_3_12_warns(
+async def test_x_consumer_timeout_on_a_broker_before_3_12_warns(
     node: BrokerNode, node_admin: Admin
 ) -> None:
     queue = unique("xct")
     node_admin.declare(queue, {"x-consumer-timeout": 3_600_000})
     node_admin.declare(f"{queue}.dlq")
-    wait_for_stats(node, queue, lambda q: True)
+    await wait_for_stats(node, queue, lambda q: True)
     result = doctor(queue, *node_args(node))
     assert result.status == EXIT_OK, result.output
     assert result.marked("!") == [
@@ -409,7 +414,9 @@ def test_x_consumer_timeout_on_a_broker_before_3_12_warns(
 
 
 @needs_node
-def test_healthy_setup_has_no_warning_and_exits_0(node: BrokerNode, node_admin: Admin) -> None:
+async def test_healthy_setup_has_no_warning_and_exits_0(
+    node: BrokerNode, node_admin: Admin, make_settings: MakeSettings
+) -> None:
     queue = unique("healthy")
     app = App()
 
@@ -417,23 +424,17 @@ def test_healthy_setup_has_no_warning_and_exits_0(node: BrokerNode, node_admin: 
     def handle(message: Message) -> None:
         time.sleep(0.1)
 
-    settings = Settings(urls=(node.url,), heartbeat=15, connect_timeout=10)
     args = [queue, *node_args(node), "--concurrency", "2", "--handler-seconds", "0.5"]
 
-    async def scenario() -> tuple[Result, Result]:
-        async with Worker(app, settings):
-            await node_admin.run(node_admin.publish, queue, [b"{}"] * 4)
-            await node_admin.run(
-                wait_for_stats,
-                node,
-                queue,
-                lambda q: [c.get("prefetch_count") for c in q.get("consumer_details") or []] == [2],
-            )
-            text = await asyncio.to_thread(doctor, *args, "--heartbeat", "15")
-            as_json = await asyncio.to_thread(doctor, *args, "--json")
-            return text, as_json
-
-    text, as_json = asyncio.run(scenario())
+    async with Worker(app, make_settings(node.url, heartbeat=15)):
+        await node_admin.run(node_admin.publish, queue, [b"{}"] * 4)
+        await wait_for_stats(
+            node,
+            queue,
+            lambda q: [c.get("prefetch_count") for c in q.get("consumer_details") or []] == [2],
+        )
+        text = await asyncio.to_thread(doctor, *args, "--heartbeat", "15")
+        as_json = await asyncio.to_thread(doctor, *args, "--json")
     assert text.status == EXIT_OK, text.output
     assert text.problems() == [], text.stdout
     for line in (
@@ -576,26 +577,22 @@ def test_no_broker_is_one_line_and_exit_1() -> None:
 
 @pytest.mark.slow
 @needs_node
-def test_memory_alarm_and_blocked_connection_are_critical(node: BrokerNode) -> None:
+async def test_memory_alarm_and_blocked_connection_are_critical(node: BrokerNode) -> None:
     blocked_connection: pika.BlockingConnection | None = None
     node.ctl("set_vm_memory_high_watermark", "absolute", "10MB")
     try:
-        asyncio.run(
-            eventually(
-                lambda: any(n.get("mem_alarm") for n in api(node, "nodes") or []),
-                within=30,
-                what="memory alarm in the management API",
-            )
+        await eventually(
+            lambda: any(n.get("mem_alarm") for n in api(node, "nodes") or []),
+            within=30,
+            what="memory alarm in the management API",
         )
         # A connection that publishes during the alarm is blocked: the broker stops reading it.
         blocked_connection = pika.BlockingConnection(pika.URLParameters(node.url))
         blocked_connection.channel().basic_publish("", "nowhere", b"x")
-        asyncio.run(
-            eventually(
-                lambda: any(c.get("state") == "blocked" for c in api(node, "connections") or []),
-                within=30,
-                what="a blocked connection in the management API",
-            )
+        await eventually(
+            lambda: any(c.get("state") == "blocked" for c in api(node, "connections") or []),
+            within=30,
+            what="a blocked connection in the management API",
         )
         result = doctor(*node_args(node))
     finally:
