@@ -23,6 +23,7 @@ from steadyrabbit import (
     App,
     Message,
     Outcome,
+    Properties,
     PublishRefusedError,
     Reject,
     Retry,
@@ -102,7 +103,7 @@ def test_a_copy_never_carries_routing_headers_or_a_user_id(
     if cc:
         original["CC"] = cc
         original["BCC"] = list(reversed(cc))
-    props = pika.BasicProperties(headers=original, user_id="someone")
+    props = Properties(headers=original, user_id="someone")
     copy = persistent_copy(props, routing_neutral(original))
     assert copy.user_id is None
     copied = copy.headers or {}

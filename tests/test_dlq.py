@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from steadyrabbit import App, Message, Reject, Worker
+from steadyrabbit import App, Message, Properties, Reject, Worker
 from steadyrabbit import _headers as h
 from steadyrabbit._errors import ConfigurationError, PublishRefusedError
 from steadyrabbit._ops.dlq import (
@@ -736,7 +736,7 @@ def test_replay_headers_keep_the_origin_and_never_route_or_claim_a_user(
         found["CC"] = cc
     if bcc is not None:
         found["BCC"] = bcc
-    props = pika.BasicProperties(headers=found, user_id=user_id, delivery_mode=1)
+    props = Properties(headers=found, user_id=user_id, delivery_mode=1)
 
     copy = _replay_properties(props)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import ssl
 import weakref
@@ -23,6 +24,7 @@ import pika.frame
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from ._errors import (
     AccessRefusedError,
@@ -36,13 +38,94 @@ from ._errors import (
     SteadyRabbitError,
 )
 from ._headers import PUBLISH_ID
+from ._properties import Properties
 from ._url import BrokerAddress
 
-__all__ = ["AmqpChannel", "AmqpConnection", "first_connection", "translate_connection_error"]
-
-OnMessage = Callable[
-    [pika.channel.Channel, pika.spec.Basic.Deliver, pika.spec.BasicProperties, bytes], None
+__all__ = [
+    "AmqpChannel",
+    "AmqpConnection",
+    "Deliver",
+    "WireProperties",
+    "blocking_probe",
+    "first_connection",
+    "from_wire",
+    "synthetic_delivery",
+    "to_wire",
+    "translate_connection_error",
 ]
+
+#: A delivery's method frame and properties as they came off the wire. Other modules hold them
+#: as opaque values and read their attributes (cheap, on the hot path), never build them.
+Deliver = pika.spec.Basic.Deliver
+WireProperties = pika.spec.BasicProperties
+OnMessage = Callable[[pika.channel.Channel, Deliver, WireProperties, bytes], None]
+
+_SCALAR_PROPERTIES = tuple(f.name for f in dataclasses.fields(Properties) if f.name != "headers")
+
+
+def from_wire(properties: WireProperties, headers: dict[str, Any] | None = None) -> Properties:
+    """steadyrabbit's value of wire properties; ``headers`` replaces theirs when given."""
+    return Properties(
+        headers=dict(properties.headers or {}) if headers is None else headers,
+        **{name: getattr(properties, name) for name in _SCALAR_PROPERTIES},
+    )
+
+
+def to_wire(properties: Properties) -> WireProperties:
+    return WireProperties(
+        headers=dict(properties.headers) if properties.headers else None,
+        **{name: getattr(properties, name) for name in _SCALAR_PROPERTIES},
+    )
+
+
+def synthetic_delivery(
+    properties: Properties,
+    *,
+    delivery_tag: int,
+    redelivered: bool,
+    exchange: str,
+    routing_key: str,
+) -> tuple[Deliver, WireProperties]:
+    """A delivery no broker made, for running a handler without one (the test kit's stub)."""
+    deliver = Deliver(
+        consumer_tag="stub",
+        delivery_tag=delivery_tag,
+        redelivered=redelivered,
+        exchange=exchange,
+        routing_key=routing_key,
+    )
+    return deliver, to_wire(properties)
+
+
+def blocking_probe(host: str, port: int, timeout: float) -> bool:
+    """True when a real AMQP connection (open, a channel, close) succeeds as guest/guest.
+
+    Blocking, unlike everything else here: for waiting on a node being started (the test kit).
+    """
+    params = pika.ConnectionParameters(
+        host=host,
+        port=port,
+        credentials=pika.PlainCredentials("guest", "guest"),
+        connection_attempts=1,
+        socket_timeout=timeout,
+        stack_timeout=timeout,
+        blocked_connection_timeout=timeout,
+        heartbeat=0,
+    )
+    try:
+        connection = pika.BlockingConnection(params)
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError):
+        # AMQPConnectorException (e.g. AMQPConnectorStackTimeout) is not an AMQPError.
+        return False
+    try:
+        connection.channel().close()
+    except (pika.exceptions.AMQPError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            if connection.is_open:
+                connection.close()
+    return True
 
 # AMQP reply codes the broker uses when it closes a connection or channel.
 ACCESS_REFUSED = 403
@@ -394,11 +477,10 @@ class AmqpChannel:
     async def cancel(self, consumer_tag: str) -> None:
         await self._rpc(lambda cb: self.raw.basic_cancel(consumer_tag=consumer_tag, callback=cb))
 
-    async def get(
-        self, queue: str
-    ) -> tuple[pika.spec.Basic.GetOk, pika.spec.BasicProperties, bytes] | None:
-        """``basic.get`` with manual ack: the next ready message of ``queue``, or None."""
-        got: list[tuple[pika.spec.Basic.GetOk, pika.spec.BasicProperties, bytes]] = []
+    async def get(self, queue: str) -> tuple[int, Properties, bytes] | None:
+        """``basic.get`` with manual ack: the next ready message of ``queue`` (its delivery
+        tag, properties and body), or None."""
+        got: list[tuple[int, Properties, bytes]] = []
 
         def start(cb: Callable[[Any], None]) -> None:
             def on_message(
@@ -408,7 +490,8 @@ class AmqpChannel:
                 body: bytes,
             ) -> None:
                 self.raw.callbacks.remove(self.number, pika.spec.Basic.GetEmpty, cb)
-                got.append((method, props, body))
+                # Always set on a basic.get-ok; pika's spec classes type every field optional.
+                got.append((int(method.delivery_tag or 0), from_wire(props), body))
                 cb(None)
 
             # An empty queue answers Basic.GetEmpty instead of GetOk.
@@ -477,7 +560,10 @@ class AmqpChannel:
                 self.unsettled.popleft()
         else:
             self._forget(delivery_tag)
-        self.raw.basic_nack(delivery_tag=delivery_tag, multiple=multiple, requeue=requeue)
+        try:
+            self.raw.basic_nack(delivery_tag=delivery_tag, multiple=multiple, requeue=requeue)
+        except pika.exceptions.AMQPError:
+            raise ConnectionLostError("channel is not open") from None
 
     async def enable_confirms(self) -> None:
         self.raw.add_on_return_callback(self._on_return)
@@ -525,7 +611,7 @@ class AmqpChannel:
         exchange: str,
         routing_key: str,
         body: bytes,
-        properties: pika.spec.BasicProperties,
+        properties: Properties,
     ) -> None:
         """Publish as mandatory on a confirm channel; return once the broker has confirmed it.
 
@@ -536,9 +622,8 @@ class AmqpChannel:
         if self.closed.done():
             raise self.closed.result()
         publish_id = str(next(self._publish_ids))
-        headers = dict(properties.headers or {})
-        headers[PUBLISH_ID] = publish_id
-        properties.headers = headers
+        wire = to_wire(properties)
+        wire.headers = {**properties.headers, PUBLISH_ID: publish_id}
         self._publish_seq += 1
         confirmed: asyncio.Future[None] = self._loop.create_future()
         returned: asyncio.Future[None] = self._loop.create_future()
@@ -549,7 +634,7 @@ class AmqpChannel:
                 exchange=exchange,
                 routing_key=routing_key,
                 body=body,
-                properties=properties,
+                properties=wire,
                 mandatory=True,
             )
             await confirmed

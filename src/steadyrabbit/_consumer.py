@@ -12,10 +12,7 @@ from time import monotonic
 from types import CodeType
 from typing import Any
 
-import pika.exceptions
-import pika.spec
-
-from ._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection
+from ._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection, Deliver, WireProperties
 from ._app import HandlerSpec
 from ._backoff import backoff_delay
 from ._decision import decide
@@ -31,7 +28,7 @@ from ._errors import (
     is_consumer_timeout,
 )
 from ._gate import UNSTARTED_PATIENCE_SHARE, NotAdmitted, SoloGate
-from ._message import Message, amqp_properties, delivery_channel, fingerprint
+from ._message import Message, delivery_channel, fingerprint, wire_headers
 from ._middleware import Hooks
 from ._publisher import Publisher
 from ._settings import Settings
@@ -271,8 +268,8 @@ class Consumer:
         self,
         channel: AmqpChannel,
         _raw: Any,
-        method: pika.spec.Basic.Deliver,
-        properties: pika.spec.BasicProperties,
+        method: Deliver,
+        properties: WireProperties,
         body: bytes,
     ) -> None:
         # Basic.Deliver always carries its tag; the stubs say Optional for every field.
@@ -346,7 +343,7 @@ class Consumer:
                 log.exception("an around_redelivery middleware failed after settling %r", message)
             else:
                 log.warning("an around_redelivery middleware failed on %r", message, exc_info=True)
-                decision = decide(exc, amqp_properties(message).headers, self._retry)
+                decision = decide(exc, wire_headers(message), self._retry)
                 await self._settlement.carry_out(message, decision)
         finally:
             self._reached_settlement.discard(message)
@@ -359,7 +356,7 @@ class Consumer:
         self._reached_settlement.add(message)
         if end_with is None:
             return await self._run(message)
-        decision = decide(end_with, amqp_properties(message).headers, self._retry)
+        decision = decide(end_with, wire_headers(message), self._retry)
         return await self._settlement.carry_out(message, decision)
 
     async def _run(self, message: Message) -> bool:
@@ -393,10 +390,10 @@ class Consumer:
             return False
         if error is None:
             if self._settlement.settle(message, ack=True) and self._hooks.settled:
-                acked = decide(None, amqp_properties(message).headers, self._retry)
+                acked = decide(None, wire_headers(message), self._retry)
                 self._hooks.on_settled(message, acked)
             return True
-        decision = decide(error, amqp_properties(message).headers, self._retry)
+        decision = decide(error, wire_headers(message), self._retry)
         await self._settlement.carry_out(message, decision)
         return True
 

@@ -4,37 +4,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import replace
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-import pika
-import pika.spec
-
 from . import _headers
+from ._amqp import from_wire
+from ._properties import Properties
 
 if TYPE_CHECKING:
-    from ._amqp import AmqpChannel
+    from ._amqp import AmqpChannel, Deliver, WireProperties
 
-
-@dataclass(frozen=True, slots=True)
-class Properties:
-    """A message's AMQP 0-9-1 basic properties. ``headers`` is a copy; ``timestamp`` is in
-    seconds since the epoch, as AMQP carries it."""
-
-    content_type: str | None = None
-    content_encoding: str | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
-    delivery_mode: int | None = None
-    priority: int | None = None
-    correlation_id: str | None = None
-    reply_to: str | None = None
-    expiration: str | None = None
-    message_id: str | None = None
-    timestamp: int | None = None
-    type: str | None = None
-    user_id: str | None = None
-    app_id: str | None = None
+__all__ = [
+    "Message",
+    "Properties",
+    "delivery_channel",
+    "fingerprint",
+    "persistent_copy",
+    "wire_headers",
+]
 
 
 class Message:
@@ -58,8 +46,8 @@ class Message:
     def __init__(
         self,
         channel: AmqpChannel,
-        method: pika.spec.Basic.Deliver,
-        properties: pika.spec.BasicProperties,
+        method: Deliver,
+        properties: WireProperties,
         body: bytes,
         queue: str,
     ) -> None:
@@ -104,22 +92,7 @@ class Message:
     @property
     def properties(self) -> Properties:
         """The message's AMQP properties, as steadyrabbit's own value (built when asked)."""
-        props = self._properties
-        return Properties(
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
-            headers=self.headers,
-            delivery_mode=props.delivery_mode,
-            priority=props.priority,
-            correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            expiration=props.expiration,
-            message_id=props.message_id,
-            timestamp=props.timestamp,
-            type=props.type,
-            user_id=props.user_id,
-            app_id=props.app_id,
-        )
+        return from_wire(self._properties, self.headers)
 
     @property
     def settleable(self) -> bool:
@@ -155,9 +128,12 @@ def delivery_channel(message: Message) -> AmqpChannel:
     return message._channel
 
 
-def amqp_properties(message: Message) -> pika.spec.BasicProperties:
-    """The properties as they came off the wire, for the copies the consumer makes."""
-    return message._properties
+def wire_headers(message: Message) -> Mapping[str, Any] | None:
+    """The headers as they came off the wire, not copied (for :func:`._decision.decide`)."""
+    return message._properties.headers
+
+
+_PERSISTENT = 2  # delivery_mode: written to disk by a durable queue
 
 
 def _text(value: object) -> str:
@@ -165,11 +141,11 @@ def _text(value: object) -> str:
 
 
 def persistent_copy(
-    properties: pika.spec.BasicProperties,
+    properties: Properties,
     headers: Mapping[str, Any],
     *,
     keep_expiration: bool = False,
-) -> pika.spec.BasicProperties:
+) -> Properties:
     """The properties of a copy steadyrabbit publishes: the same, persistent, with ``headers``.
 
     A retry or dead-letter copy drops the per-message ``expiration``: it would expire the copy
@@ -180,26 +156,18 @@ def persistent_copy(
     are moved under steadyrabbit's own headers, for the record, and never restored.
     """
     copy_headers = _headers.routing_neutral(headers)
-    previous = properties.headers or {}
+    previous = properties.headers
     for kept in (_headers.CC, _headers.BCC, _headers.USER_ID):
         if kept in previous:
             copy_headers.setdefault(kept, previous[kept])
     if properties.user_id is not None:
         copy_headers.setdefault(_headers.USER_ID, properties.user_id)
-    return pika.spec.BasicProperties(
-        content_type=properties.content_type,
-        content_encoding=properties.content_encoding,
+    return replace(
+        properties,
         headers=copy_headers,
-        delivery_mode=pika.DeliveryMode.Persistent,
-        priority=properties.priority,
-        correlation_id=properties.correlation_id,
-        reply_to=properties.reply_to,
+        delivery_mode=_PERSISTENT,
         expiration=properties.expiration if keep_expiration else None,
-        message_id=properties.message_id,
-        timestamp=properties.timestamp,
-        type=properties.type,
-        app_id=properties.app_id,
-        cluster_id=properties.cluster_id,
+        user_id=None,
     )
 
 

@@ -11,8 +11,6 @@ import asyncio
 import logging
 import random
 
-import pika.spec
-
 from ._amqp import AmqpChannel
 from ._backoff import backoff_delay
 from ._errors import (
@@ -21,6 +19,7 @@ from ._errors import (
     MessageReturnedError,
     PublishRefusedError,
 )
+from ._properties import Properties
 from ._supervisor import Supervisor
 from ._topology import OwnQueue, declare_own_queue
 
@@ -53,7 +52,7 @@ class Publisher:
         return channel
 
     async def publish_to_queue(
-        self, queue: OwnQueue, body: bytes, properties: pika.spec.BasicProperties
+        self, queue: OwnQueue, body: bytes, properties: Properties
     ) -> None:
         """Publish to ``queue`` (one of steadyrabbit's own) and return once the broker confirmed.
 

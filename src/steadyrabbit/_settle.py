@@ -20,9 +20,6 @@ from datetime import UTC, datetime
 from time import monotonic
 from typing import Any
 
-import pika.exceptions
-import pika.spec
-
 from . import _headers
 from ._aio import finish
 from ._app import HandlerSpec
@@ -35,10 +32,11 @@ from ._errors import (
 )
 from ._message import (
     Message,
-    amqp_properties,
+    Properties,
     delivery_channel,
     fingerprint,
     persistent_copy,
+    wire_headers,
 )
 from ._middleware import Hooks, Publish
 from ._publisher import Publisher
@@ -119,7 +117,7 @@ class Settlement:
                     self.counts.acked += 1
                 else:
                     channel.nack(message.delivery_tag, requeue=requeue)
-            except (pika.exceptions.AMQPError, ConnectionLostError):
+            except ConnectionLostError:
                 pass  # the channel died under us: the same as finding it closed
             else:
                 return True
@@ -157,19 +155,18 @@ class Settlement:
         return await self._settle_by_copy(message, None, _CopyInFlight(decision, publish))
 
     async def _publish_through_middleware(
-        self, target: OwnQueue, message: Message, properties: pika.spec.BasicProperties
+        self, target: OwnQueue, message: Message, properties: Properties
     ) -> None:
         async def publish(copy: Publish) -> None:
-            properties.headers = copy.headers
-            await self._publisher.publish_to_queue(target, copy.body, properties)
+            await self._publisher.publish_to_queue(
+                target, copy.body, replace(properties, headers=copy.headers)
+            )
 
-        copy = Publish(target.name, message.body, dict(properties.headers or {}))
+        copy = Publish(target.name, message.body, dict(properties.headers))
         await self._hooks.wrap_publish(publish)(copy)
 
-    def _copy_properties(
-        self, message: Message, decision: Decision
-    ) -> pika.spec.BasicProperties:
-        old = amqp_properties(message).headers or {}
+    def _copy_properties(self, message: Message, decision: Decision) -> Properties:
+        old = wire_headers(message) or {}
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         copy_headers = _headers.without_ours(old)
         copy_headers.update(
@@ -184,7 +181,7 @@ class Settlement:
                 _headers.ROUTING_KEY: message.routing_key,
             }
         )
-        return persistent_copy(amqp_properties(message), copy_headers)
+        return persistent_copy(message.properties, copy_headers)
 
     async def _settle_by_copy(
         self, message: Message, key: str | None, copy: _CopyInFlight

@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import pika
-import pika.spec
-
 from .. import _headers as headers
 from .._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection, first_connection
 from .._errors import (
@@ -35,7 +32,7 @@ from .._errors import (
     Reject,
     Retry,
 )
-from .._message import persistent_copy
+from .._message import Properties, persistent_copy
 from .._preview import body_preview
 from .._settings import Settings
 from .._topology import dead_letter_queue_name
@@ -100,7 +97,7 @@ class DeadLetterMessage:
     Message ``position`` (from 1, as :func:`list_dead_letters` numbers them) of ``count`` in
     ``dead_letter_queue``. ``ours``: every steadyrabbit header; ``headers``: all the others
     (the user's, the broker's); ``properties``: the AMQP properties that are set, headers
-    aside. Values are as pika decoded them.
+    aside. Values are as they came off the wire.
     """
 
     queue: str
@@ -175,8 +172,8 @@ def _masked(text: str | None) -> str | None:
     return None if text is None else mask_url(text)
 
 
-def _dead_letter(position: int, props: pika.spec.BasicProperties, body: bytes) -> DeadLetter:
-    found: dict[str, Any] = dict(props.headers or {})
+def _dead_letter(position: int, props: Properties, body: bytes) -> DeadLetter:
+    found: dict[str, Any] = props.headers
     return DeadLetter(
         position=position,
         reason=_masked(_text(found.get(headers.REASON))),
@@ -211,9 +208,9 @@ _PROPERTY_NAMES = (
 
 
 def _whole(
-    queue: str, position: int, count: int, props: pika.spec.BasicProperties, body: bytes
+    queue: str, position: int, count: int, props: Properties, body: bytes
 ) -> DeadLetterMessage:
-    found: dict[str, Any] = dict(props.headers or {})
+    found: dict[str, Any] = props.headers
     return DeadLetterMessage(
         queue=queue,
         dead_letter_queue=dead_letter_queue_name(queue),
@@ -251,13 +248,13 @@ def _jsonable(value: object) -> Any:
 
 
 def _wanted(
-    props: pika.spec.BasicProperties, error_filter: str | None, message_id: str | None
+    props: Properties, error_filter: str | None, message_id: str | None
 ) -> bool:
     if message_id is not None and props.message_id != message_id:
         return False
     if error_filter is None:
         return True
-    found: dict[str, Any] = dict(props.headers or {})
+    found: dict[str, Any] = props.headers
     wanted = error_filter.casefold()
     return any(
         wanted in (_text(found.get(key)) or "").casefold()
@@ -265,7 +262,7 @@ def _wanted(
     )
 
 
-def _replay_properties(props: pika.spec.BasicProperties) -> pika.spec.BasicProperties:
+def _replay_properties(props: Properties) -> Properties:
     """The message's properties as first published, persistent, with the headers a replay keeps
     (see :func:`._headers.for_replay`); CC, BCC and user_id stay records, never restored."""
     return persistent_copy(props, headers.for_replay(props.headers), keep_expiration=True)
@@ -302,11 +299,6 @@ async def _count(channel: AmqpChannel, queue: str) -> int:
     return ready
 
 
-def _tag(method: pika.spec.Basic.GetOk) -> int:
-    # Always set on a basic.get-ok; typed optional because pika's spec classes default to None.
-    return int(method.delivery_tag or 0)
-
-
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or limit < 0):
         raise ConfigurationError(f"limit must be a number >= 0, not {limit!r}")
@@ -314,7 +306,7 @@ def _check_limit(limit: int | None) -> None:
 
 async def _peek(
     settings: Settings, queue: str, wanted: int, purpose: str
-) -> tuple[int, list[tuple[pika.spec.BasicProperties, bytes]]]:
+) -> tuple[int, list[tuple[Properties, bytes]]]:
     """The ready count of ``<queue>.dlq`` and up to ``wanted`` messages from its head.
 
     They are taken without ack and all given back at the end (nack with requeue), so the queue
@@ -324,15 +316,14 @@ async def _peek(
     async with _connection(settings, purpose) as connection:
         channel = await connection.channel()
         count = await _count(channel, queue)
-        taken: list[tuple[pika.spec.BasicProperties, bytes]] = []
+        taken: list[tuple[Properties, bytes]] = []
         last_tag = 0
         try:
             while len(taken) < min(wanted, count):
                 got = await channel.get(dlq)
                 if got is None:
                     break
-                method, props, body = got
-                last_tag = _tag(method)
+                last_tag, props, body = got
                 taken.append((props, body))
         finally:
             if last_tag and channel.is_open:
@@ -430,14 +421,13 @@ async def replay_dead_letters(
                 got = await getter.get(dlq)
                 if got is None:
                     break
-                method, props, body = got
-                tag = _tag(method)
+                tag, props, body = got
                 if not _wanted(props, error_filter, message_id):
                     unacked = tag  # held: given back in place at the end
                     skipped += 1
                 else:
                     held, unacked = unacked, tag
-                    target = _text((props.headers or {}).get(headers.QUEUE)) or queue
+                    target = _text(props.headers.get(headers.QUEUE)) or queue
                     await _publish(publisher, target, body, props, dlq, replayed)
                     getter.ack(tag)
                     unacked = held
@@ -464,7 +454,7 @@ async def _publish(
     channel: AmqpChannel,
     target: str,
     body: bytes,
-    props: pika.spec.BasicProperties,
+    props: Properties,
     dlq: str,
     replayed: int,
 ) -> None:

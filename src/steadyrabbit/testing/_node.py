@@ -55,9 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-import pika
-import pika.exceptions
-from pika.adapters.utils.connection_workflow import AMQPConnectorException
+from .._amqp import blocking_probe
 
 __all__ = ["BrokerNode", "find_rabbitmq_bin", "start_node"]
 
@@ -204,32 +202,7 @@ def _port_open(port: int) -> bool:
 
 def _amqp_ok(port: int, timeout: float = 5.0) -> bool:
     """True when a real AMQP connection (open + channel + close) succeeds."""
-    if not _port_open(port):
-        return False
-    params = pika.ConnectionParameters(
-        host="127.0.0.1",
-        port=port,
-        credentials=pika.PlainCredentials("guest", "guest"),
-        connection_attempts=1,
-        socket_timeout=timeout,
-        stack_timeout=timeout,
-        blocked_connection_timeout=timeout,
-        heartbeat=0,
-    )
-    try:
-        conn = pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError):
-        # AMQPConnectorException (e.g. AMQPConnectorStackTimeout) is not an AMQPError.
-        return False
-    try:
-        conn.channel().close()
-    except (pika.exceptions.AMQPError, OSError):
-        return False
-    finally:
-        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-            if conn.is_open:
-                conn.close()
-    return True
+    return _port_open(port) and blocking_probe("127.0.0.1", port, timeout)
 
 
 def _kill_orphaned_vm(home: Path) -> None:

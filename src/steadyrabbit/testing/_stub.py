@@ -14,14 +14,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import pika
-import pika.spec
-
+from .._amqp import synthetic_delivery
 from .._app import App, HandlerSpec, call_sync
 from .._decision import Decision, decide, retry_bucket_ms
 from .._errors import ConfigurationError, HandlerExit, Reject
 from .._message import Message
 from .._middleware import Hooks
+from .._properties import Properties
 from .._topology import copy_queue
 
 __all__ = ["run_handler", "run_handler_sync"]
@@ -45,19 +44,19 @@ async def run_handler(
     ``headers`` may carry ``x-steadyrabbit-attempts`` to stand for a retried message.
     """
     spec = _spec(app, queue)
-    properties = pika.spec.BasicProperties(
-        headers=dict(headers) if headers is not None else None,
+    properties = Properties(
+        headers=dict(headers) if headers is not None else {},
         content_type=content_type,
         message_id=message_id,
     )
-    deliver = pika.spec.Basic.Deliver(
-        consumer_tag="stub",
+    deliver, wire = synthetic_delivery(
+        properties,
         delivery_tag=1,
         redelivered=redelivered,
         exchange=exchange,
         routing_key=routing_key if routing_key is not None else queue,
     )
-    message = Message(None, deliver, properties, body, queue)  # type: ignore[arg-type]
+    message = Message(None, deliver, wire, body, queue)  # type: ignore[arg-type]
     handler = Hooks([*app.middleware, *spec.middleware]).wrap_handler(_handler_of(spec))
     error: Exception | None = None
     try:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-import pika.spec
-
 from ..._amqp import NOT_FOUND, AmqpChannel, AmqpConnection
 from ..._errors import ChannelClosedError, ConfigurationError
 from ..._headers import REASON
+from ..._properties import Properties
 from ..._topology import bind_queue, ensure_exchange, ensure_queue
 from .result import DeadLetterInfo
 from .service import contract_number
@@ -99,7 +98,7 @@ class DemoBroker:
                     exchange,
                     routing_key,
                     json.dumps(body).encode(),
-                    pika.spec.BasicProperties(
+                    Properties(
                         content_type="application/json",
                         delivery_mode=2,
                         message_id=message_id,
@@ -125,10 +124,9 @@ class DemoBroker:
                     raise
                 if got is None:
                     break
-                method, props, _body = got
-                last_tag = int(method.delivery_tag or 0)
+                last_tag, props, _body = got
                 message_id = str(props.message_id or "?")
-                reason = (props.headers or {}).get(REASON)
+                reason = props.headers.get(REASON)
                 if isinstance(reason, bytes):
                     reason = reason.decode("utf-8", "replace")
                 letters.setdefault(
