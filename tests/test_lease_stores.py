@@ -28,13 +28,13 @@ import redis.asyncio
 
 from steadyrabbit import ConfigurationError, Message
 from steadyrabbit._amqp import synthetic_delivery
+from steadyrabbit._idempotency import lease_store
 from steadyrabbit._inbox import PostgresInbox
 from steadyrabbit._leases import (
     Acquired,
     LeaseStore,
     SQLiteLeaseStore,
     Verdict,
-    lease_store,
     this_process,
 )
 from steadyrabbit._properties import Properties

@@ -356,6 +356,7 @@ async def test_2xx_acks_and_forwards_body_and_headers(
         assert request.headers["x-routing-key"] == queue_name
         assert request.headers["x-redelivered"] == "false"
         got[request.headers["x-message-id"]] = request.body
+        assert request.headers["idempotency-key"] == request.headers["x-message-id"]
     assert got == sent
     assert ready(admin, queue_name) == 0
     assert ready(admin, f"{queue_name}.dlq") == 0

@@ -443,3 +443,22 @@ def test_a_logged_traceback_masks_the_urls_it_quotes(
     assert "RuntimeError" in err
     assert "Pa55-w0rd" not in err
     assert "tok-SECRET-9" not in err
+
+
+def test_long_runs_are_protected_by_version_and_budget() -> None:
+    """The version-dependent choice, as pure logic: the consumer argument only from 3.12 and
+    only with a budget; the hand-off always (4.0.5 ignores the argument)."""
+    from steadyrabbit._topology import consumer_timeout_argument, long_run_protection
+
+    assert not consumer_timeout_argument((3, 10, 8), 60)
+    assert not consumer_timeout_argument((3, 11, 99), 60)
+    assert consumer_timeout_argument((3, 12, 0), 60)
+    assert consumer_timeout_argument((4, 0, 5), 60)
+    assert not consumer_timeout_argument((4, 0, 5), None)
+    assert not consumer_timeout_argument((), 60)
+    assert "RabbitMQ 3.10.8 has no per-consumer timeout" in long_run_protection((3, 10, 8), 60)
+    assert "x-consumer-timeout 60000 ms" in long_run_protection((4, 0, 5), 60)
+    assert "give the consumer max_duration" in long_run_protection((4, 0, 5), None)
+    for version in ((3, 10, 8), (3, 12, 0), (4, 0, 5)):
+        for budget in (None, 60.0):
+            assert "handed off" in long_run_protection(version, budget)

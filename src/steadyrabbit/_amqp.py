@@ -49,6 +49,7 @@ __all__ = [
     "blocking_probe",
     "first_connection",
     "from_wire",
+    "parse_version",
     "synthetic_delivery",
     "to_wire",
     "translate_connection_error",
@@ -95,6 +96,20 @@ def synthetic_delivery(
         routing_key=routing_key,
     )
     return deliver, to_wire(properties)
+
+
+def parse_version(value: object) -> tuple[int, ...]:
+    """``b"3.10.8"`` or ``"4.0.5+1"`` as (3, 10, 8) or (4, 0, 5); () for anything else."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+    numbers = []
+    for part in text.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) != len(part):
+            break
+    return tuple(numbers)
 
 
 def blocking_probe(host: str, port: int, timeout: float) -> bool:
@@ -304,6 +319,12 @@ class AmqpConnection:
         return heartbeat if isinstance(heartbeat, int) else 0
 
     @property
+    def server_version(self) -> tuple[int, ...]:
+        """The broker's version from its ``connection.start`` properties (e.g. (3, 10, 8));
+        () if it did not say."""
+        return parse_version((self._raw.server_properties or {}).get("version"))
+
+    @property
     def bytes_received(self) -> int:
         """Bytes read from the broker on this connection so far (pika's own counter)."""
         return int(self._raw.bytes_received)  # type: ignore[attr-defined]  # not in the stubs
@@ -464,12 +485,19 @@ class AmqpChannel:
             )
         )
 
-    async def consume(self, queue: str, on_message: OnMessage) -> str:
+    async def consume(
+        self, queue: str, on_message: OnMessage, arguments: Mapping[str, Any] | None = None
+    ) -> str:
         """Start consuming with manual acks; return the consumer tag once ``ConsumeOk`` came."""
         tags: list[str] = []
         await self._rpc(
             lambda cb: tags.append(
-                self.raw.basic_consume(queue=queue, on_message_callback=on_message, callback=cb)
+                self.raw.basic_consume(
+                    queue=queue,
+                    on_message_callback=on_message,
+                    arguments=None if arguments is None else dict(arguments),
+                    callback=cb,
+                )
             )
         )
         return tags[0]

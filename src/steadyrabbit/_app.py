@@ -156,6 +156,12 @@ class HandlerSpec:
     own_prefetch: int | None = None
     #: This consumer's own middleware (inside the app's); see :mod:`._middleware`.
     middleware: tuple[Middleware, ...] = ()
+    #: The idempotency key of a message (None: not deduplicated); None here: the default,
+    #: ``message_id`` with a digest of the body (see :mod:`._idempotency`).
+    idempotency_key: Callable[[Message], str | None] | None = None
+    #: The handler's time budget in seconds: on RabbitMQ 3.12 and later, the consumer's
+    #: ``x-consumer-timeout``; None: the broker's ``consumer_timeout``, with hand-offs.
+    max_duration: float | None = None
 
     @property
     def name(self) -> str:
@@ -218,6 +224,8 @@ class App:
         retry: RetryPolicy | None = None,
         queue_type: str | None = None,
         middleware: Sequence[Middleware] = (),
+        idempotency_key: Callable[[Message], str | None] | None = None,
+        max_duration: float | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated function (sync or ``async def``) as the handler of ``queue``.
 
@@ -237,6 +245,11 @@ class App:
         ("classic" or "quorum", default: the app's) is the type of the retry and dead-letter
         queues, and of the consumed queue if it has to be created. ``middleware``: this
         consumer's own, inside the app's.
+        ``idempotency_key(message)``: the key under which a message runs at most once to
+        completion (None for a message not to deduplicate); by default its ``message_id`` with
+        a digest of its body. ``max_duration``: the handler's time budget in seconds; on
+        RabbitMQ 3.12 and later it becomes this consumer's ``x-consumer-timeout``, and
+        elsewhere a run near the broker's ``consumer_timeout`` is handed off (see the README).
         """
 
         def register(fn: H) -> H:
@@ -253,6 +266,8 @@ class App:
                 retry=retry,
                 queue_type=queue_type,
                 middleware=middleware,
+                idempotency_key=idempotency_key,
+                max_duration=max_duration,
             )
             return fn
 
@@ -273,6 +288,8 @@ class App:
         retry: RetryPolicy | None = None,
         queue_type: str | None = None,
         middleware: Sequence[Middleware] = (),
+        idempotency_key: Callable[[Message], str | None] | None = None,
+        max_duration: float | None = None,
     ) -> HandlerSpec:
         """Register ``fn`` as the handler of ``queue``; see :meth:`consumer`."""
         if not queue or len(queue.encode()) > 250:
@@ -296,6 +313,17 @@ class App:
             raise ConfigurationError(f"handler for {queue!r} is not callable")
         if queue_type is not None:
             _check_queue_type(queue_type)
+        if idempotency_key is not None and not callable(idempotency_key):
+            raise ConfigurationError(f"idempotency_key for {queue!r} must be a function")
+        if max_duration is not None and (
+            isinstance(max_duration, bool)
+            or not isinstance(max_duration, int | float)
+            or not 0 < max_duration < 2**31 / 1000
+        ):
+            raise ConfigurationError(
+                f"max_duration for {queue!r} must be a number of seconds > 0, "
+                f"not {max_duration!r}"
+            )
         handler: AsyncHandler
         if inspect.iscoroutinefunction(fn):
             handler = fn  # a SystemExit it raises is caught where it is awaited
@@ -317,6 +345,8 @@ class App:
             own_concurrency=own_concurrency,
             own_prefetch=own_prefetch,
             middleware=_middleware_list(middleware),
+            idempotency_key=idempotency_key,
+            max_duration=None if max_duration is None else float(max_duration),
         )
         self._specs.append(spec)
         return spec

@@ -71,6 +71,10 @@ class Config(BaseModel):
     processes: int = Field(1, ge=1, le=1024)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str | None = Field(None, min_length=1)
+    idempotency: bool = True
+    idempotency_store: str | None = Field(None, min_length=1)
+    idempotency_retention: _Seconds = Field(7 * 86400.0, gt=0)
+    lease: _Seconds = Field(30.0, gt=0, le=86400)
     # run: the defaults of consumers registered without their own; relay: its consumer's.
     concurrency: int = Field(1, ge=1, le=65535)
     # 0 (unlimited) only describes another consumer to doctor; a worker refuses it.
@@ -154,6 +158,10 @@ class Config(BaseModel):
             state_dir=self.state_dir,
             metrics_port=self.metrics_port,
             metrics_host=self.metrics_host or Settings.metrics_host,
+            idempotency=self.idempotency,
+            idempotency_store=self.idempotency_store,
+            idempotency_retention=self.idempotency_retention,
+            lease=self.lease,
         )
 
     def alerts(self) -> AlertSettings | None:

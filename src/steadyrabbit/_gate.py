@@ -16,6 +16,9 @@ from typing import Any, Protocol
 #: How long a delivered message may wait unstarted in the client (for a free slot or for its
 #: solo run), as a share of the broker's ``consumer_timeout``: its clock runs from delivery.
 UNSTARTED_PATIENCE_SHARE = 0.5
+#: A run still going at this share of ``consumer_timeout`` after its delivery is handed off
+#: (see :mod:`._idempotency`); the rest leaves room for the keeper's tick and the marker.
+HANDOFF_SHARE = 0.6
 
 
 class NotAdmitted(Exception):

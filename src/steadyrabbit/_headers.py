@@ -21,6 +21,9 @@ CC = "x-steadyrabbit-cc"
 BCC = "x-steadyrabbit-bcc"
 USER_ID = "x-steadyrabbit-user-id"
 QUORUM_DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues on redelivery
+# On a marker (see _leases): the lease key and the token of the run it stands for.
+LEASE_KEY = "x-steadyrabbit-lease-key"
+LEASE_TOKEN = "x-steadyrabbit-lease-token"
 
 
 def header_text(value: object) -> str | None:
@@ -64,6 +67,16 @@ def routing_neutral(headers: Mapping[str, Any] | None) -> dict[str, Any]:
             value = result.pop(routing)
             result.setdefault(ours, value)
     return result
+
+
+def for_marker(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The headers of a marker: the message's own, its failure record included (a hand-off is
+    no attempt), without the publish id and the broker's delivery history."""
+    return {
+        key: value
+        for key, value in (headers or {}).items()
+        if key != PUBLISH_ID and key not in _BROKER_HISTORY
+    }
 
 
 # What a replay keeps of steadyrabbit's headers: where the message came from, for its handler,

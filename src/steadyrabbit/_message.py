@@ -38,6 +38,8 @@ class Message:
         "_properties",
         "blocked_loop",
         "body",
+        "handed_off",
+        "lease",
         "payload",
         "queue",
         "received_at",
@@ -61,6 +63,11 @@ class Message:
         #: Set by the loop-lag watchdog (from its thread) when this message's async handler
         #: blocked the event loop: seconds of the longest stall seen.
         self.blocked_loop = 0.0
+        #: The lease (key, token) this run holds, if any (see :mod:`._leases`).
+        self.lease: tuple[str, str] | None = None
+        #: True once the delivery was acked early, a marker copy standing for the run (a
+        #: hand-off): nothing acks it again, and a failure's copy is published without an ack.
+        self.handed_off = False
 
     @property
     def delivery_tag(self) -> int:
@@ -96,9 +103,9 @@ class Message:
 
     @property
     def settleable(self) -> bool:
-        """Whether the channel that delivered the message is still open: only then can it be
-        acked (after that, the broker has requeued it)."""
-        return not self._channel.closed.done()
+        """Whether the message can still be acked: not yet handed off, and the channel that
+        delivered it still open (after that, the broker has requeued it)."""
+        return not self.handed_off and not self._channel.closed.done()
 
     @property
     def headers(self) -> dict[str, Any]:

@@ -34,6 +34,14 @@ class Settings:
     :attr:`Worker.metrics_address`); None (the default) serves nothing and costs nothing.
     ``alerts``: e-mail and/or webhook alerts on dead letters, repeated reconnects and stuck
     handlers (see :class:`AlertSettings`); None (the default) runs nothing and costs nothing.
+    ``idempotency``: a message with a ``message_id`` runs at most once to completion: a copy
+    of one that completed is acked without running, one that arrives while it runs waits
+    (see the README). False turns that off; long runs are still handed off.
+    ``idempotency_store``: where leases and done records live: None (the default) a SQLite
+    file in ``state_dir``, for one host; ``postgresql://...`` or ``redis://...`` for many.
+    ``idempotency_retention``: how long a done record is kept, in seconds (7 days).
+    ``lease``: seconds a run's lease lasts unless renewed (every third of it, while it runs);
+    a worker that died holding one is taken over when it expires.
     """
 
     urls: tuple[str, ...] = (DEFAULT_URL,)
@@ -49,6 +57,10 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     alerts: AlertSettings | None = None
+    idempotency: bool = True
+    idempotency_store: str | None = None
+    idempotency_retention: float = 7 * 86400.0
+    lease: float = 30.0
     addresses: tuple[BrokerAddress, ...] = field(init=False, repr=False, compare=False)
 
     # Written out (not generated) for ``url``, the name the README, the flags and the config
@@ -68,6 +80,10 @@ class Settings:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         alerts: AlertSettings | None = None,
+        idempotency: bool = True,
+        idempotency_store: str | None = None,
+        idempotency_retention: float = 7 * 86400.0,
+        lease: float = 30.0,
         *,
         url: str | Sequence[str] | None = None,
     ) -> None:
@@ -88,6 +104,10 @@ class Settings:
             "metrics_port": metrics_port,
             "metrics_host": metrics_host,
             "alerts": alerts,
+            "idempotency": idempotency,
+            "idempotency_store": idempotency_store,
+            "idempotency_retention": idempotency_retention,
+            "lease": lease,
         }
         for key, value in values.items():
             object.__setattr__(self, key, value)
@@ -120,6 +140,12 @@ class Settings:
             raise ConfigurationError("no broker URL given")
         object.__setattr__(self, "urls", urls)
         object.__setattr__(self, "addresses", tuple(parse_url(url) for url in urls))
+        if isinstance(self.state_dir, str):
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
+        _require(
+            self.state_dir is None or isinstance(self.state_dir, Path),
+            "state_dir must be a path",
+        )
         _require(0 <= self.heartbeat <= 65535, "heartbeat must be between 0 and 65535 seconds")
         _require(self.connect_timeout > 0, "connect_timeout must be > 0 seconds")
         _require(self.grace_period >= 0, "grace_period must be >= 0 seconds")
@@ -134,6 +160,18 @@ class Settings:
             "metrics_port must be between 0 and 65535",
         )
         _require(bool(self.metrics_host), "metrics_host must not be empty")
+        _require(isinstance(self.idempotency, bool), "idempotency must be True or False")
+        _require(self.idempotency_retention > 0, "idempotency_retention must be > 0 seconds")
+        _require(0 < self.lease <= 86400, "lease must be between 0 and 86400 seconds")
+        store = self.idempotency_store
+        _require(
+            store is None or store.startswith(_STORE_SCHEMES),
+            f"idempotency_store must be a postgresql://, postgres:// or redis:// URL, not "
+            f"{mask_url(str(store))!r}",
+        )
+
+
+_STORE_SCHEMES = ("postgresql://", "postgres://", "redis://", "rediss://")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from time import monotonic
@@ -109,6 +110,8 @@ class Settlement:
         Delivery tags belong to their channel: after that channel closed, the broker has
         requeued the delivery, and the same tag on another channel would ack another message.
         """
+        if message.handed_off:
+            return True  # acked when it was handed off; its marker stands for the run
         channel = delivery_channel(message)
         if not channel.closed.done():  # the cheapest liveness test: a C call
             try:
@@ -141,7 +144,7 @@ class Settlement:
         worker. True once the original is acked.
         """
         channel = delivery_channel(message)
-        if not channel.is_open:
+        if not channel.is_open and not message.handed_off:
             return self.settle(message, ack=False)  # counts and logs the stale delivery
         spec = self.spec
         target = copy_queue(spec.queue, spec.queue_type, retry_bucket_ms(decision, self._retry))
@@ -153,6 +156,38 @@ class Settlement:
             publishing = self._publisher.publish_to_queue(target, message.body, properties)
         publish = asyncio.ensure_future(publishing)
         return await self._settle_by_copy(message, None, _CopyInFlight(decision, publish))
+
+    async def hand_off(self, message: Message, lease: Mapping[str, str], delay: float) -> bool:
+        """Leave a marker for a run that goes on, then ack its delivery (see :mod:`._leases`).
+
+        The marker is a copy of the message with the lease's key and token in its headers,
+        published to the retry queue of ``delay`` and confirmed before the ack, so the message
+        is never in zero places. True once acked: the broker's ``consumer_timeout`` no longer
+        runs for it, and nothing acks it again. False if the delivering channel is gone (the
+        broker redelivers the message; the lease makes that copy wait for this run).
+        """
+        if message.handed_off or not delivery_channel(message).is_open:
+            return message.handed_off
+        headers = _headers.for_marker(wire_headers(message))
+        headers.update(
+            {
+                _headers.QUEUE: self.spec.queue,
+                _headers.EXCHANGE: message.exchange,
+                _headers.ROUTING_KEY: message.routing_key,
+                **lease,
+            }
+        )
+        target = copy_queue(self.spec.queue, self.spec.queue_type, max(1, round(delay * 1000)))
+        properties = persistent_copy(message.properties, headers)
+        if self._hooks.around_publish:
+            await self._publish_through_middleware(target, message, properties)
+        else:
+            await self._publisher.publish_to_queue(target, message.body, properties)
+        if not self.settle(message, ack=True):
+            return False
+        message.handed_off = True
+        self.counts.handed_off += 1
+        return True
 
     async def _publish_through_middleware(
         self, target: OwnQueue, message: Message, properties: Properties
@@ -194,6 +229,9 @@ class Settlement:
         """
         channel = delivery_channel(message)
         publish = copy.publish
+        if not publish.done() and message.handed_off:
+            # Acked already: the copy is the only place the outcome goes, whatever the channel.
+            await asyncio.wait({publish})
         if not publish.done():
             channel_closed = asyncio.shield(channel.closed)
             racers: set[asyncio.Future[Any]] = {publish, channel_closed}

@@ -48,6 +48,18 @@ class Stats:
         return sum(queue.resettled for queue in self.queues)
 
     @property
+    def handed_off(self) -> int:
+        return sum(queue.handed_off for queue in self.queues)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(queue.duplicates for queue in self.queues)
+
+    @property
+    def markers(self) -> int:
+        return sum(queue.markers for queue in self.queues)
+
+    @property
     def succeeded(self) -> int:
         """Messages whose handler succeeded (see :attr:`QueueCounts.succeeded`)."""
         return sum(queue.succeeded for queue in self.queues)
@@ -64,10 +76,24 @@ class QueueCounts:
     #: Redeliveries acked without running: their copy was confirmed but the original's ack
     #: was lost with its connection.
     resettled: int = 0
+    #: Deliveries acked early while their handler ran on, a marker standing for the run.
+    handed_off: int = 0
+    #: Copies acked without running because that message had completed before.
+    duplicates: int = 0
+    #: Markers settled without running: their run was over (dropped) or still alive (delayed
+    #: again), and copies that waited for a run elsewhere and became its marker.
+    markers: int = 0
 
     @property
     def succeeded(self) -> int:
         """Messages whose handler succeeded: every ack but those of the originals whose retry
         or dead-letter copy was confirmed (each acked once, and counted there), and of their
         redeliveries after a lost ack."""
-        return self.acked - self.retried - self.dead_lettered - self.resettled
+        return (
+            self.acked
+            - self.retried
+            - self.dead_lettered
+            - self.resettled
+            - self.duplicates
+            - self.markers
+        )

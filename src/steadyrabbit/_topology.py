@@ -186,3 +186,31 @@ def copy_queue(queue: str, queue_type: str, retry_delay_ms: int | None) -> OwnQu
     if retry_delay_ms is None:
         return dead_letter_queue(queue, queue_type)
     return retry_queue(queue, retry_delay_ms, queue_type)
+
+
+#: The first RabbitMQ that takes ``x-consumer-timeout`` as a consumer argument; older ones
+#: accept it and do nothing.
+CONSUMER_TIMEOUT_ARGUMENT_SINCE = (3, 12)
+
+
+def consumer_timeout_argument(version: tuple[int, ...], max_duration: float | None) -> bool:
+    """Whether a consumer with a ``max_duration`` sends it as ``x-consumer-timeout``."""
+    return max_duration is not None and version >= CONSUMER_TIMEOUT_ARGUMENT_SINCE
+
+
+def long_run_protection(version: tuple[int, ...], max_duration: float | None) -> str:
+    """How a run longer than ``consumer_timeout`` is kept from tripping it, in one sentence
+    (``doctor`` shows it)."""
+    handoff = (
+        "a run still going at 60 % of consumer_timeout is handed off: a marker waits in the "
+        "delay queue, the delivery is acked, and the run goes on under its lease"
+    )
+    if version and version < CONSUMER_TIMEOUT_ARGUMENT_SINCE:
+        shown = ".".join(map(str, version))
+        return f"{handoff} (RabbitMQ {shown} has no per-consumer timeout)"
+    if max_duration is None:
+        return f"{handoff} (give the consumer max_duration to also send x-consumer-timeout)"
+    return (
+        f"x-consumer-timeout {round(max_duration * 1000)} ms is sent as a consumer argument, "
+        f"and {handoff} all the same (RabbitMQ 4.0.5 was measured to ignore the argument)"
+    )

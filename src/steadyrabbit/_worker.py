@@ -17,6 +17,8 @@ from ._crashguard import CrashLoopCounter, CrashRecords
 from ._crashlog import default_state_dir
 from ._errors import ClosedByUserError, ConfigurationError, SteadyRabbitError
 from ._gate import UNSTARTED_PATIENCE_SHARE, SoloGate
+from ._idempotency import Leases, lease_store
+from ._leases import this_process
 from ._middleware import Hooks, Middleware
 from ._publisher import Publisher
 from ._settings import Settings
@@ -56,6 +58,7 @@ class Worker:
         self._metrics: MetricsServer | None = None
         self._hooks = Hooks()
         self._crash_records: CrashRecords | None = None
+        self._leases: Leases | None = None
         self._gate = SoloGate()
         self._failed: asyncio.Future[SteadyRabbitError] | None = None
         self._stopping = False
@@ -115,7 +118,25 @@ class Worker:
         records.open()
         self._crash_records = records
         vhost = settings.addresses[0].vhost
-        builtin = self._builtin_middleware()
+        state_dir = settings.state_dir or default_state_dir()
+        # Filled below, once the consumers exist (they compose their middleware first).
+        lease_holders: dict[str, Consumer] = {}
+        leases = Leases(
+            lease_store(settings.idempotency_store, state_dir),
+            owner=this_process(),
+            vhost=vhost,
+            consumers=lease_holders,
+            keys=(
+                {spec.queue: spec.idempotency_key for spec in self.app.handlers}
+                if settings.idempotency
+                else {}
+            ),
+            lease=settings.lease,
+            retention=settings.idempotency_retention,
+        )
+        self._leases = leases
+        # Leases are outermost: a duplicate is settled before any other middleware sees it.
+        builtin = [leases, *self._builtin_middleware()]
         app_wide = [*builtin, *self.app.middleware]
         own = [m for spec in self.app.handlers for m in spec.middleware]
         everyone = list(dict.fromkeys([*app_wide, *own]))
@@ -142,6 +163,7 @@ class Worker:
                 spec, consume, self._publisher, settings, self.stats, self._gate, consumer_hooks
             )
             self._consumers.append(consumer)
+            lease_holders[spec.queue] = consumer
         try:
             # First: a middleware may refuse the start (a metrics port in use) before any
             # connection is made.

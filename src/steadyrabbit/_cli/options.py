@@ -137,6 +137,22 @@ WORKER = (
         metavar="HOST",
     ),
     Option(
+        "idempotency", click.BOOL, "Run a message with a message_id at most once to "
+        "completion: a copy of one that completed is acked without running.", metavar="yes|no",
+    ),
+    Option(
+        "idempotency_store", str, "Where leases and done records live: postgresql://... or "
+        "redis://... for workers on many hosts.  (a SQLite file in --state-dir when unset)",
+        metavar="URL",
+    ),
+    Option(
+        "idempotency_retention", float, "Seconds a done record is kept.", metavar="SECONDS",
+    ),
+    Option(
+        "lease", float, "Seconds a run's lease lasts unless renewed; a worker that died "
+        "holding one is taken over when it expires.", metavar="SECONDS",
+    ),
+    Option(
         "alert_smtp_url", str, "Send alerts by e-mail through this server: "
         "smtp://[USER:PASSWORD@]HOST[:PORT], smtps://... (TLS) or smtp+starttls://...",
         metavar="URL",

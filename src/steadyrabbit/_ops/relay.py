@@ -81,6 +81,9 @@ class RelayHandler:
         }
         if message.message_id:
             headers["X-Message-Id"] = message.message_id
+            # The convention of Stripe and the IETF draft: the target can deduplicate what no
+            # client can, a crash between its 2xx and the worker's done record.
+            headers["Idempotency-Key"] = message.message_id
         try:
             # httpx's timeout limits each read, so a target that drips its answer could hold
             # the slot for ever; this one limits the request as a whole.

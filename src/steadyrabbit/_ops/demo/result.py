@@ -27,7 +27,10 @@ class DemoResult:
     the ids the service was built to fail. ``reconnects``: connections the worker
     re-established (``Stats``; the consuming and the publishing connection each count).
     ``cuts``: times the demo reset the connections. ``stale_acks_dropped``: acks the worker
-    dropped because the channel that delivered the message had died. ``duplicates``: extra 2xx
+    dropped because the channel that delivered the message had died.
+    ``duplicates_suppressed``: copies the worker acked without calling the service again
+    (``Stats.duplicates``): redelivered after the reset, their first run had completed or was
+    still going (idempotency, on by default). ``duplicates``: extra 2xx
     answers for messages the service had already accepted (at-least-once: a message whose ack
     died with the connection is delivered again), ``duplicated_messages`` how many messages
     they were. ``service_failures``: 5xx answers of the service (its flaky ones and the
@@ -48,6 +51,7 @@ class DemoResult:
     stale_acks_dropped: int
     duplicates: int
     duplicated_messages: int
+    duplicates_suppressed: int
     left_in_queues: int
     lost: int
     elapsed: float
@@ -70,7 +74,7 @@ def format_summary(result: DemoResult) -> str:
     lines = [f"summary after {r.elapsed:.1f} s"]
 
     def row(label: str, value: int | str, note: str = "") -> None:
-        lines.append(f"  {label:<14}{value!s:>6}   {note}".rstrip())
+        lines.append(f"  {label:<21}{value!s:>6}   {note}".rstrip())
 
     row("published", r.published, "JSON contracts, each confirmed by the broker")
     row("delivered", r.delivered, "accepted (2xx) by the web service")
@@ -91,15 +95,21 @@ def format_summary(result: DemoResult) -> str:
         " connection each count)",
     )
     row("stale acks", r.stale_acks_dropped, "dropped: their channel had died with the connection")
+    row(
+        "duplicates suppressed",
+        r.duplicates_suppressed,
+        "redelivered after the reset (their acks never reached the broker), acked without a "
+        "second call: their first run had completed",
+    )
     if r.duplicates:
         row(
             "duplicates",
             r.duplicates,
-            f"at-least-once: {r.duplicated_messages} message(s) handled around the reset were "
-            "delivered again: their acks never reached the broker, which redelivered them",
+            f"{r.duplicated_messages} message(s) reached the service twice (with the same "
+            "Idempotency-Key header)",
         )
     else:
-        row("duplicates", 0, "no message was delivered twice")
+        row("duplicates", 0, "no message reached the service twice")
     if r.left_in_queues:
         row("still queued", r.left_in_queues, "not settled when the demo stopped waiting")
     row("lost", r.lost)

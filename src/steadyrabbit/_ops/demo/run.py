@@ -256,6 +256,7 @@ async def run_demo(
         stale_acks_dropped=stats.stale_settlements_dropped,
         duplicates=service.duplicates,
         duplicated_messages=service.duplicated_messages,
+        duplicates_suppressed=stats.duplicates,
         left_in_queues=left,
         lost=max(0, messages - len(delivered_ids | dead_ids) - left),
         elapsed=monotonic() - started,
@@ -329,7 +330,7 @@ async def _relay_until_settled(
         return (
             f"delivered {len(service.accepted)}/{published}, in flight {worker.in_flight}, "
             f"retried {stats.retried}, dead-lettered {stats.dead_lettered}, "
-            f"reconnects {stats.reconnect_count}, duplicates {service.duplicates}"
+            f"reconnects {stats.reconnect_count}, duplicates suppressed {stats.duplicates}"
         )
 
     async def view() -> None:

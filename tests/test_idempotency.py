@@ -1,0 +1,235 @@
+"""Exactly-once effects and jobs longer than consumer_timeout, on the real broker.
+
+A message with a ``message_id`` runs at most once to completion: a copy of one that completed is
+acked without running; a copy that arrives while it runs waits for that run's outcome; a failed
+run releases its lease, so its retry runs. A run still going near ``consumer_timeout`` is handed
+off (a marker in the delay queue, then the ack) and goes on under its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pika
+import pytest
+
+from steadyrabbit import App, Message, RetryPolicy, Settings, Worker
+from tests._broker import BrokerNode, close_main_broker_connections
+from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def named_settings(make_settings: MakeSettings) -> MakeSettings:
+    """``make_settings`` with a worker name of its own (to find its connection) and fast
+    reconnects."""
+
+    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "name": f"sr-idem-{uuid.uuid4().hex[:8]}",
+            "reconnect_delay": 0.2,
+            "reconnect_delay_max": 1.0,
+        }
+        values.update(overrides)
+        return make_settings(url, **values)
+
+    return make
+
+
+def with_id(message_id: str) -> pika.BasicProperties:
+    return pika.BasicProperties(delivery_mode=2, message_id=message_id)
+
+
+def reset_consume_connection(settings: Settings) -> None:
+    name = f"{settings.name} (consume)"
+    closed = close_main_broker_connections("client_properties", lambda v: name in v, "reset")
+    assert closed == 1
+
+
+async def test_a_copy_of_a_completed_message_is_acked_without_running(
+    queue_name: str, admin: Admin, named_settings: MakeSettings
+) -> None:
+    """The producer sent one order twice (same id, same body): it runs once. The same id with
+    another body is another message, and runs."""
+    admin.declare(queue_name)
+    runs: list[bytes] = []
+    settled = Settled()
+    app = App(middleware=[settled])
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        runs.append(message.body)
+
+    async with Worker(app, named_settings()) as worker:
+        for body in (b"order 1", b"order 1", b"order 1 (changed)"):
+            await admin.run(admin.publish, queue_name, [body], properties=with_id("id-1"))
+        await settled.wait_for(3)
+        assert worker.stats.duplicates == 1
+        assert worker.stats.succeeded == 2
+    assert runs == [b"order 1", b"order 1 (changed)"]
+    assert admin.counts(queue_name) == (0, 0)
+
+
+async def test_a_message_whose_ack_was_lost_in_a_reset_is_not_run_again(
+    queue_name: str, admin: Admin, named_settings: MakeSettings
+) -> None:
+    """The seed's duplicate: the handler completed, the connection reset before its ack got
+    out, the broker redelivered it. The redelivery is acked without running."""
+    admin.declare(queue_name)
+    settings = named_settings()
+    runs: list[bool] = []
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        runs.append(message.redelivered)
+        if not message.redelivered:
+            # The effect is done; the connection dies before the ack can leave.
+            await asyncio.to_thread(reset_consume_connection, settings)
+
+    async with Worker(app, settings) as worker:
+        await admin.run(admin.publish, queue_name, [b"pay 10 EUR"], properties=with_id("pay-1"))
+        await eventually(lambda: worker.stats.duplicates == 1, what="the duplicate suppressed")
+    assert admin.counts(queue_name) == (0, 0)
+    assert runs == [False]
+
+
+async def test_a_copy_that_arrives_while_the_first_run_goes_on_waits_for_it(
+    queue_name: str, admin: Admin, named_settings: MakeSettings
+) -> None:
+    """A reset while the handler runs: the broker redelivers the message on the new
+    connection at once. That copy waits (it never runs beside the first run), and is acked
+    without running once the first run completed."""
+    admin.declare(queue_name)
+    settings = named_settings()
+    started: list[bool] = []
+    running = 0
+    most_at_once = 0
+    app = App()
+
+    @app.consumer(queue_name, concurrency=2)
+    async def handle(message: Message) -> None:
+        nonlocal running, most_at_once
+        started.append(message.redelivered)
+        running += 1
+        most_at_once = max(most_at_once, running)
+        try:
+            if not message.redelivered:
+                await asyncio.to_thread(reset_consume_connection, settings)
+                await asyncio.sleep(2)  # the redelivery arrives meanwhile
+        finally:
+            running -= 1
+
+    async with Worker(app, settings) as worker:
+        await admin.run(admin.publish, queue_name, [b"ship"], properties=with_id("ship-1"))
+        await eventually(lambda: worker.stats.duplicates == 1, what="the duplicate suppressed")
+    assert admin.counts(queue_name) == (0, 0)
+    assert started == [False]
+    assert most_at_once == 1
+
+
+async def test_a_failed_run_releases_its_lease_and_its_retry_runs(
+    queue_name: str, admin: Admin, named_settings: MakeSettings
+) -> None:
+    admin.declare(queue_name)
+    settled = Settled()
+    attempts: list[int] = []
+    app = App(middleware=[settled], retry=RetryPolicy(max_attempts=3, delays=(0.1,)))
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        attempts.append(message.attempt)
+        if message.attempt < 3:
+            raise RuntimeError("not yet")
+
+    async with Worker(app, named_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"flaky"], properties=with_id("flaky-1"))
+        await settled.wait_for(3)
+        assert worker.stats.duplicates == 0
+    assert attempts == [1, 2, 3]
+
+
+async def test_idempotency_off_runs_every_copy(
+    queue_name: str, admin: Admin, named_settings: MakeSettings
+) -> None:
+    admin.declare(queue_name)
+    settled = Settled()
+    runs: list[bytes] = []
+    app = App(middleware=[settled])
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        runs.append(message.body)
+
+    async with Worker(app, named_settings(idempotency=False)):
+        for _ in range(2):
+            await admin.run(admin.publish, queue_name, [b"again"], properties=with_id("a-1"))
+        await settled.wait_for(2)
+    assert runs == [b"again", b"again"]
+
+
+async def test_a_key_function_decides_what_is_the_same_message(
+    queue_name: str, admin: Admin, named_settings: MakeSettings
+) -> None:
+    """A consumer's own key: here the order number in the body, whatever the message id."""
+    admin.declare(queue_name)
+    settled = Settled()
+    runs: list[bytes] = []
+    app = App(middleware=[settled])
+
+    def order_number(message: Message) -> str | None:
+        return message.body.split(b":")[0].decode()
+
+    @app.consumer(queue_name, idempotency_key=order_number)
+    async def handle(message: Message) -> None:
+        runs.append(message.body)
+
+    async with Worker(app, named_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"7:first", b"7:second", b"8:third"])
+        await settled.wait_for(3)
+        assert worker.stats.duplicates == 1
+    assert runs == [b"7:first", b"8:third"]
+
+
+@pytest.mark.slow
+async def test_a_job_longer_than_consumer_timeout_completes_once_and_trips_nothing(
+    private_node: BrokerNode, private_admin: Admin, queue_name: str, node_settings: MakeSettings
+) -> None:
+    """The broker's consumer_timeout is 5 s; the handler runs 20 s. It is handed off (marker,
+    then ack) and completes exactly once; the broker closes no channel, and the other message
+    the worker holds is not redelivered."""
+    private_admin.declare(queue_name)
+    settled = Settled()
+    runs: list[tuple[bytes, bool]] = []
+    app = App(middleware=[settled])
+
+    @app.consumer(queue_name, concurrency=2)
+    async def handle(message: Message) -> None:
+        runs.append((message.body, message.redelivered))
+        await asyncio.sleep(20 if message.body == b"long" else 0.1)
+
+    async with Worker(app, node_settings(consumer_timeout=5, lease=3)) as worker:
+        await private_admin.run(
+            private_admin.publish, queue_name, [b"long"], properties=with_id("long-1")
+        )
+        await private_admin.run(private_admin.publish, queue_name, [b"short"])
+        await settled.wait_for(2, within=60)
+        assert worker.stats.channel_recoveries == 0
+        assert worker.stats.handed_off >= 1
+        # The marker (delayed again while the run was alive) comes back, finds the run done,
+        # and is dropped: nothing is left anywhere.
+        retry_queue = f"{queue_name}.retry.3000ms"
+
+        def all_settled() -> bool:
+            return (
+                worker.in_flight == 0
+                and private_admin.counts(retry_queue)[0] == 0
+                and private_admin.counts(queue_name)[0] == 0
+            )
+
+        await eventually(all_settled, within=20, what="the last marker dropped")
+    assert private_admin.counts(queue_name) == (0, 0)
+    assert sorted(runs) == [(b"long", False), (b"short", False)]
