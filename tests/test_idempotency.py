@@ -9,10 +9,16 @@ off (a marker in the delay queue, then the ack) and goes on under its lease.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import pytest
 
 from steadyrabbit import App, Message, RetryPolicy, Settings, Worker
@@ -20,6 +26,8 @@ from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
 
 pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -233,3 +241,72 @@ async def test_a_job_longer_than_consumer_timeout_completes_once_and_trips_nothi
         await eventually(all_settled, within=20, what="the last marker dropped")
     assert private_admin.counts(queue_name) == (0, 0)
     assert sorted(runs) == [(b"long", False), (b"short", False)]
+
+
+def ready(admin: Admin, queue: str) -> int:
+    """Messages ready in ``queue``; 0 while it does not exist (a retry queue before its first
+    copy)."""
+    try:
+        return admin.counts(queue)[0]
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+
+
+def start_long_app(tmp_path: Path, queue: str, log: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "steadyrabbit", "run", "tests.long_app:app",
+        "--url", MAIN_URL, "--log-level", "warning",
+        # The worker's idea of the broker's consumer_timeout: runs are handed off at 2.4 s.
+        "--consumer-timeout", "4", "--lease", "2",
+    ]  # fmt: skip
+    environment = {
+        **os.environ,
+        "STEADYRABBIT_STATE_DIR": str(tmp_path / "state"),
+        "LONG_QUEUE": queue,
+        "LONG_LOG": str(log),
+        "LONG_SECONDS": "6",
+    }
+    with (tmp_path / "stderr.log").open("ab") as stderr:
+        return subprocess.Popen(command, cwd=ROOT, env=environment, stderr=stderr)
+
+
+async def test_a_job_whose_worker_is_killed_after_its_hand_off_is_finished_by_another(
+    queue_name: str, admin: Admin, tmp_path: Path
+) -> None:
+    """SIGKILL mid-job, after the hand-off acked the delivery: the broker has nothing to
+    redeliver, but the marker comes back, finds the lease of a dead worker, and a second
+    worker runs the job. It runs twice at most: once killed, once completed."""
+    admin.declare(queue_name)
+    log = tmp_path / "runs.log"
+    admin.publish(queue_name, [b"render"], properties=with_id("render-1"))
+    first = start_long_app(tmp_path, queue_name, log)
+    try:
+        await eventually(lambda: log.exists() and "start render" in log.read_text(), what="run 1")
+        # Handed off at 2.4 s: the marker waits in the delay queue, the delivery is acked.
+        await eventually(
+            lambda: ready(admin, f"{queue_name}.retry.2000ms") == 1, what="the marker"
+        )
+        assert admin.counts(queue_name)[0] == 0
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+    second = start_long_app(tmp_path, queue_name, log)
+    try:
+        await eventually(lambda: "done render" in log.read_text(), within=30, what="the job done")
+        # The last marker comes back, finds the run done, and is dropped.
+        await eventually(
+            lambda: ready(admin, f"{queue_name}.retry.2000ms") == 0
+            and ready(admin, queue_name) == 0,
+            within=10,
+            what="nothing left queued",
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=20)
+    lines = log.read_text().splitlines()
+    starts = [line for line in lines if line.startswith("start render")]
+    assert len(starts) == 2, lines
+    assert [line for line in lines if line.startswith("done render")] == [
+        f"done render pid={second.pid}"
+    ]
+    assert second.returncode == 0, (tmp_path / "stderr.log").read_text()

@@ -46,6 +46,7 @@ from ._url import BrokerAddress, mask_url, parse_url
 from ._worker import Worker, run, serve
 
 if TYPE_CHECKING:
+    from ._inbox import PostgresInbox
     from ._ops.relay import relay_app
 
 
@@ -56,6 +57,11 @@ def __getattr__(name: str) -> Any:
 
         relay_app.__module__ = __name__
         return relay_app
+    if name == "PostgresInbox":  # its module names psycopg's types; the driver loads on use
+        from ._inbox import PostgresInbox
+
+        PostgresInbox.__module__ = __name__
+        return PostgresInbox
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -80,6 +86,7 @@ __all__ = [
     "Middleware",
     "Outcome",
     "PermanentBrokerError",
+    "PostgresInbox",
     "Properties",
     "Publish",
     "PublishRefusedError",

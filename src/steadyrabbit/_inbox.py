@@ -40,10 +40,10 @@ inbox is made, never on ``import steadyrabbit``.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError
+from ._idempotency import default_key
 from ._store_postgres import require_psycopg, table_identifier
 
 if TYPE_CHECKING:
@@ -69,18 +69,13 @@ class PostgresInbox:
 
     def key(self, message: Message) -> str:
         """The message's default key: SHA-256 of the vhost, queue, ``message_id`` and body."""
-        message_id = message.message_id
-        if not message_id:
+        key = default_key(message, self.vhost)
+        if key is None:
             raise ConfigurationError(
                 f"{message!r} has no message_id, so the inbox cannot tell its copies apart: "
                 "pass receive() a key of your own, or publish it with a message_id"
             )
-        digest = hashlib.sha256()
-        for part in (self.vhost, message.queue, message_id):
-            digest.update(part.encode())
-            digest.update(b"\0")
-        digest.update(message.body)
-        return digest.hexdigest()
+        return key
 
     # -- the table
 
