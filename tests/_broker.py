@@ -9,6 +9,7 @@ re-exported here so that the project's tests keep one import. The main broker
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 
 from steadyrabbit.testing import BrokerNode, start_node
@@ -45,5 +46,31 @@ def close_main_broker_connections(info: str, matches: Callable[[str], bool], rea
         pid, _, value = line.partition("\t")
         if pid.strip() and matches(value.strip()):
             main_broker_ctl("close_connection", pid.strip(), reason)
+            closed += 1
+    return closed
+
+
+def close_connections_of(pid: int, reason: str) -> int:
+    """Close, broker side, the main broker's connections that process ``pid`` holds (found by
+    their local ports, as ``ss`` shows them); return how many."""
+    listing = subprocess.run(
+        ["ss", "-tnpH", "state", "established", "( dport = :5672 )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    ports = {
+        line.split()[2].rpartition(":")[2]
+        for line in listing.splitlines()
+        if f"pid={pid}," in line
+    }
+    if not ports:
+        return 0
+    connections = main_broker_ctl(
+        "list_connections", "pid", "peer_port", "--no-table-headers", "--quiet"
+    )
+    closed = 0
+    for line in connections.splitlines():
+        connection, _, peer_port = line.partition("\t")
+        if peer_port.strip() in ports:
+            main_broker_ctl("close_connection", connection.strip(), reason)
             closed += 1
     return closed

@@ -457,8 +457,9 @@ async def test_a_channel_closed_by_consumer_timeout_alerts_once(
     hook: Hook,
     make_settings: MakeSettings,
 ) -> None:
-    """Seed 1's failure, staged on the private node (consumer_timeout 5 s): a handler outruns
-    it, the broker closes the channel; one alert names the queue and the broker's reason."""
+    """Seed 1's failure, staged on the private node (consumer_timeout 5 s) with a worker that
+    was not told the broker's value (it would hand the run off before 5 s otherwise): a handler
+    outruns it, the broker closes the channel; one alert names the queue and the reason."""
     private_admin.declare(queue_name)
     app = App()
     calls: list[bool] = []
@@ -471,7 +472,7 @@ async def test_a_channel_closed_by_consumer_timeout_alerts_once(
 
     settings = make_settings(
         private_node.url,
-        consumer_timeout=5.0,
+        consumer_timeout=1800.0,
         name=f"alerts-test-{uuid.uuid4().hex[:8]}",
         alerts=AlertSettings(webhook_url=hook.url, group_wait=0.2, stuck_after=60),
     )

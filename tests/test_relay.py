@@ -37,6 +37,7 @@ import pytest
 
 from steadyrabbit import RetryPolicy, Settings, Worker
 from steadyrabbit._ops.relay import relay_app
+from tests._broker import close_connections_of
 from tests.conftest import MAIN_URL, Admin, eventually
 
 pytestmark = pytest.mark.anyio
@@ -782,3 +783,42 @@ async def test_every_retry_carries_the_original_routing_key(
     finally:
         admin.delete_exchange(exchange)
         admin.delete(f"{queue_name}.retry.200ms")
+
+
+@pytest.mark.slow
+async def test_connection_kills_every_second_cause_no_duplicate_post(
+    admin: Admin, queue_name: str, web: WebService, start_relay: StartRelay
+) -> None:
+    """50 messages to a target that takes 2 s; the relay's broker connections are closed every
+    second for 20 s. Acks die with the connections and the broker redelivers, but no message is
+    POSTed twice: a copy of a completed one is acked without a request, one whose request is
+    still running waits for it. Every request carries the Idempotency-Key header."""
+    declare(admin, queue_name)
+    ids = [f"order-{n}-{uuid.uuid4().hex[:6]}" for n in range(50)]
+    with pika.BlockingConnection(pika.URLParameters(admin.url)) as connection:
+        channel = connection.channel()
+        for message_id in ids:
+            channel.basic_publish(
+                "",
+                queue_name,
+                message_id.encode(),
+                pika.BasicProperties(delivery_mode=2, message_id=message_id),
+            )
+    relay = start_relay(queue_name, web.url("/slow"), "--concurrency", "10")
+    await wait_consuming(admin, relay, queue_name)
+    kills = 0
+    for _ in range(20):
+        await asyncio.sleep(1)
+        kills += await asyncio.to_thread(close_connections_of, relay.proc.pid, "test: kill")
+    await eventually(
+        lambda: {r.headers.get("idempotency-key") for r in web.requests} >= set(ids),
+        within=60,
+        what="a request for every message",
+    )
+    await eventually(lambda: ready(admin, queue_name) == 0, what="the queue empty")
+    await asyncio.to_thread(web.wait_for_answers, len(web.requests), 10)
+    assert await relay.stop() == 0, relay.output
+    keys = [r.headers.get("idempotency-key") or "(none)" for r in web.requests]
+    assert kills >= 10
+    assert sorted(keys) == sorted(ids), "a message was POSTed twice, or without its key"
+    assert ready(admin, f"{queue_name}.dlq") == 0

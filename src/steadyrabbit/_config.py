@@ -44,6 +44,9 @@ OTHER_VARIABLES = frozenset(
         f"{ENV_PREFIX}SUPERVISOR_FD",
         f"{ENV_PREFIX}SKIP_BROWSER",
         f"{ENV_PREFIX}TEST_URL",
+        f"{ENV_PREFIX}TEST_POSTGRES",
+        f"{ENV_PREFIX}TEST_REDIS",
+        f"{ENV_PREFIX}RABBITMQ4",
     }
 )
 
