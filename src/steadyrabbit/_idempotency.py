@@ -171,43 +171,9 @@ class Leases(Middleware):
             key = custom(message) if custom is not None else default_key(message, self._vhost)
         else:
             key = None
-        if key is None:
-            return await self._run(message, call_next)
-        while True:
-            token = next(self._tokens)
-            try:
-                acquired = await self._store.acquire(key, token, self._lease, marker=marker)
-            except Exception as exc:  # noqa: BLE001 - any store error: run without a record
-                self._store_failed("take the lease of", message, exc)
-                return await self._run(message, call_next)
-            verdict = acquired.verdict
-            if verdict is Verdict.RUN:
-                message.lease = (key, token)
-                return await self._run(message, call_next)
-            counts = self._consumers[message.queue].counts
-            if verdict is Verdict.DONE:
-                counts.duplicates += 1
-                log.info(
-                    "acked %r (message id %s) without running it: it completed before",
-                    message,
-                    message.message_id,
-                )
-                return None
-            if verdict is Verdict.DROP:
-                counts.markers += 1
-                log.debug("dropped the marker %r: its run is over", message)
-                return None
-            if verdict is Verdict.REDELAY:
-                await self._leave_marker(message, key, str(marker))
-                return None
-            # RUNNING: wait for that run's outcome, as long as this delivery may wait.
-            holder = acquired.holder or ""
-            if not await self._wait_for(key, holder, message):
-                await self._leave_marker(message, key, holder)
-                return None
-
-    async def _run(self, message: Message, call_next: CallNext) -> Any:
-        """Run the handler; settle the lease it holds (taken now or at a hand-off)."""
+        if key is not None and not await self._admit(message, key, marker):
+            return None
+        # The handler runs; it settles the lease it holds (taken now or at a hand-off).
         try:
             result = await call_next(message)
         except BaseException as error:
@@ -217,6 +183,42 @@ class Leases(Middleware):
         if message.lease is not None:
             await self._finish(message, None)
         return result
+
+    async def _admit(self, message: Message, key: str, marker: str | None) -> bool:
+        """Take the lease of ``key`` for this run: True to run the handler; False when the
+        message was settled here (a duplicate, a marker), which the core then acks."""
+        while True:
+            token = next(self._tokens)
+            try:
+                acquired = await self._store.acquire(key, token, self._lease, marker=marker)
+            except Exception as exc:  # noqa: BLE001 - any store error: run without a record
+                self._store_failed("take the lease of", message, exc)
+                return True
+            verdict = acquired.verdict
+            if verdict is Verdict.RUN:
+                message.lease = (key, token)
+                return True
+            counts = self._consumers[message.queue].counts
+            if verdict is Verdict.DONE:
+                counts.duplicates += 1
+                log.info(
+                    "acked %r (message id %s) without running it: it completed before",
+                    message,
+                    message.message_id,
+                )
+                return False
+            if verdict is Verdict.DROP:
+                counts.markers += 1
+                log.debug("dropped the marker %r: its run is over", message)
+                return False
+            if verdict is Verdict.REDELAY:
+                await self._leave_marker(message, key, str(marker))
+                return False
+            # RUNNING: wait for that run's outcome, as long as this delivery may wait.
+            holder = acquired.holder or ""
+            if not await self._wait_for(key, holder, message):
+                await self._leave_marker(message, key, holder)
+                return False
 
     async def _finish(self, message: Message, error: BaseException | None) -> None:
         lease = message.lease

@@ -240,8 +240,10 @@ class Hooks:
 
 
 def _bind(around: Callable[[Any, Any], Awaitable[Any]], inner: Any) -> Any:
-    async def call(item: Any) -> Any:
-        return await around(item, inner)
+    # A plain function that returns the middleware's coroutine: no coroutine of its own, so a
+    # layer of middleware costs one frame per message, not two.
+    def call(item: Any) -> Awaitable[Any]:
+        return around(item, inner)
 
     return call
 
