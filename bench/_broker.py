@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 
 import pika
@@ -41,14 +42,18 @@ def fill(
     queue: str,
     bodies: Iterable[bytes],
     count: int,
-    properties: pika.BasicProperties,
+    properties: pika.BasicProperties | Iterable[pika.BasicProperties],
     timeout: float,
 ) -> float:
     """Publish ``count`` bodies to ``queue`` (default exchange), each confirmed by the broker.
 
-    Returns the seconds it took. Raises if the broker nacked a message or time ran out.
+    ``properties``: the same for every message, or one per message (a ``message_id`` each,
+    say). Returns the seconds it took. Raises if the broker nacked a message or time ran out.
     """
     source: Iterator[bytes] = iter(bodies)
+    if isinstance(properties, pika.BasicProperties):
+        properties = itertools.repeat(properties)
+    props: Iterator[pika.BasicProperties] = iter(properties)
     state = {"sent": 0, "confirmed": 0, "error": None}
     started = time.perf_counter()
     deadline = started + timeout
@@ -63,7 +68,7 @@ def fill(
         channel = holder["channel"]
         assert isinstance(channel, pika.channel.Channel)
         while state["sent"] < count and state["sent"] - state["confirmed"] < _WINDOW:
-            channel.basic_publish("", queue, next(source), properties)
+            channel.basic_publish("", queue, next(source), next(props))
             state["sent"] += 1
         if time.perf_counter() > deadline:
             fail(f"filling {queue} took longer than {timeout:g} s")
@@ -168,3 +173,10 @@ def server_version(url: str) -> str | None:
 
 def repeat(body: bytes) -> Iterator[bytes]:
     return itertools.repeat(body)
+
+
+def with_message_ids(properties: pika.BasicProperties) -> Iterator[pika.BasicProperties]:
+    """``properties`` with a unique ``message_id`` (a random UUID) for each message."""
+    fields = {name: value for name, value in vars(properties).items() if value is not None}
+    while True:
+        yield pika.BasicProperties(**fields, message_id=str(uuid.uuid4()))

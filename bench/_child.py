@@ -23,6 +23,9 @@ from _probe import Probe
 # framework name -> module in bench/consumers
 MODULES = {
     "steadyrabbit": "steadyrabbit_consumer",
+    # The same consumer on messages that carry a message_id, idempotency on / off (spec).
+    "steadyrabbit+ids+on": "steadyrabbit_consumer",
+    "steadyrabbit+ids+off": "steadyrabbit_consumer",
     "pika": "pika_consumer",
     "aio-pika": "aiopika_consumer",
     "aio-pika+uvloop": "aiopika_consumer",

@@ -3,11 +3,16 @@
     .venv/bin/python bench/run.py                    # everything: W1-W5, 3 rounds, every peer
     .venv/bin/python bench/run.py --workload W1 --rounds 1 --messages 5000
     .venv/bin/python bench/run.py --write            # and (re)write BENCHMARKS.md
+    .venv/bin/python bench/run.py --workload W1,W2 --rounds 1   # and what idempotency costs
 
 For each round, for each workload, every framework runs once, in a rotating order. Each run is
 its own process (``bench/_child.py``) consuming a fresh queue that this process filled (with
 publisher confirms) and checks empty afterwards; the child times from the first handler start
 to the last ack and reports its peak RSS. See BENCHMARKS.md for the method and the results.
+
+W1 and W2 also run steadyrabbit on messages that each carry a unique ``message_id``, with
+idempotency on (the default: a lease and a done record per message) and off, so that the cost
+of the ``Leases`` middleware stands beside the other rows of the same run.
 """
 
 from __future__ import annotations
@@ -44,7 +49,26 @@ ROOT = BENCH_DIR.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_URL = os.environ.get("STEADYRABBIT_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 QUEUE_PREFIX = "steadyrabbit-bench"
-FRAMEWORKS = ("steadyrabbit", "pika", "aio-pika", "aio-pika+uvloop", "faststream", "dramatiq")
+# steadyrabbit+ids+on / +off: steadyrabbit on messages with a message_id each, idempotency on
+# (the default) / off. Only in the workloads of ID_WORKLOADS.
+IDS_ON = "steadyrabbit+ids+on"
+IDS_OFF = "steadyrabbit+ids+off"
+FRAMEWORKS = (
+    "steadyrabbit",
+    IDS_ON,
+    IDS_OFF,
+    "pika",
+    "aio-pika",
+    "aio-pika+uvloop",
+    "faststream",
+    "dramatiq",
+)
+ID_FRAMEWORKS = {IDS_ON: True, IDS_OFF: False}  # -> Settings(idempotency=...)
+ID_WORKLOADS = ("W1", "W2")
+LABELS = {
+    IDS_ON: "steadyrabbit, ids, idempotency on",
+    IDS_OFF: "steadyrabbit, ids, idempotency off",
+}
 BASELINE = "pika"
 PIKA_SEQUENTIAL_MESSAGES = 100
 # W5 passes if RSS at 100 % of the messages is at most this much above RSS at 50 %.
@@ -105,11 +129,24 @@ WORKLOADS = {
     )
 }
 # A full run at the sizes above (W1 and W4 50k, W5 200k, 3 rounds of everything) takes about
-# FULL_RUN_MINUTES on the 2-core reference machine, so the default run is smaller: about 14
-# minutes. --full restores them.
+# FULL_RUN_MINUTES on the 2-core reference machine, so the default run is smaller: about
+# DEFAULT_RUN_MINUTES. --full restores them.
 DEFAULT_MESSAGES = {"W1": 25_000, "W2": 10_000, "W3": 5_000, "W4": 25_000, "W5": 200_000}
 DEFAULT_W5_ROUNDS = 1
-FULL_RUN_MINUTES = 27
+FULL_RUN_MINUTES = 29
+DEFAULT_RUN_MINUTES = 15
+
+
+def display_name(framework: str) -> str:
+    """A framework's name in the tables."""
+    return LABELS.get(framework, framework)
+
+
+def frameworks_for(workload: Workload, frameworks: Sequence[str]) -> list[str]:
+    """The frameworks that run ``workload``: the message_id variants only in ID_WORKLOADS."""
+    if workload.name in ID_WORKLOADS:
+        return list(frameworks)
+    return [f for f in frameworks if f not in ID_FRAMEWORKS]
 
 
 @dataclass
@@ -198,10 +235,18 @@ def bodies_for(framework: str, workload: Workload, queue: str) -> Iterator[bytes
     return _broker.repeat(JSON_BYTES if workload.body == "json" else BODY_BYTES)
 
 
-def properties_for(framework: str, workload: Workload) -> pika.BasicProperties:
+def properties_for(
+    framework: str, workload: Workload
+) -> pika.BasicProperties | Iterator[pika.BasicProperties]:
+    """The same properties for every message; for the message_id variants, a fresh
+    ``message_id`` (a UUID) each."""
     if framework == "dramatiq" or workload.body == "json":
-        return pika.BasicProperties(delivery_mode=1, content_type="application/json")
-    return pika.BasicProperties(delivery_mode=1)
+        properties = pika.BasicProperties(delivery_mode=1, content_type="application/json")
+    else:
+        properties = pika.BasicProperties(delivery_mode=1)
+    if framework in ID_FRAMEWORKS:
+        return _broker.with_message_ids(properties)
+    return properties
 
 
 # -- one measurement --------------------------------------------------------------------------
@@ -216,7 +261,7 @@ class Runner:
         self.tmp = Path(tempfile.mkdtemp(prefix="steadyrabbit-bench-"))
 
     def queues_of(self, framework: str, queue: str) -> list[str]:
-        if framework == "steadyrabbit":
+        if framework == "steadyrabbit" or framework in ID_FRAMEWORKS:
             return [queue, f"{queue}.dlq"]  # steadyrabbit declares the dead-letter queue
         if framework == "dramatiq":
             return [queue, f"{queue}.DQ", f"{queue}.XQ"]  # dramatiq's delay and dead queues
@@ -269,6 +314,8 @@ class Runner:
             "loop": "uvloop" if framework.endswith("+uvloop") else "asyncio",
             "result_file": str(self.tmp / f"{queue}.json"),
         }
+        if framework in ID_FRAMEWORKS:
+            spec["idempotency"] = ID_FRAMEWORKS[framework]
         measurement = Measurement(framework, workload.name, round_, messages, ok=False)
         try:
             self.declare(framework, queue)
@@ -284,6 +331,7 @@ class Runner:
             extra["fill_s"] = round(fill_s, 2)
             result = self.run_child(spec, timeout)
             self.check_depth(queue, 0, "after the run (unacked messages went back)")
+            self.check_records(framework, result, messages)
         except (RuntimeError, OSError, pika.exceptions.AMQPError) as exc:
             measurement.error = str(exc) or type(exc).__name__
         else:
@@ -301,6 +349,15 @@ class Runner:
         ready = _broker.wait_depth(self.url, queue, expected, timeout=30 if expected else 5)
         if ready != expected:
             raise RuntimeError(f"{ready} messages in the queue {when}, not {expected}")
+
+    @staticmethod
+    def check_records(framework: str, result: dict[str, Any], messages: int) -> None:
+        """With ids and idempotency on, every message went through the lease store: one done
+        record each (otherwise the run measured the pass-through, not the store)."""
+        if framework == IDS_ON and result.get("done_records") != messages:
+            raise RuntimeError(
+                f"{result.get('done_records')} done records in the lease store, not {messages}"
+            )
 
     def run_child(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         log_path = self.tmp / f"{spec['queue']}.log"
@@ -437,8 +494,8 @@ def results_table(rows: Sequence[Row]) -> str:
             ideal = ""
         peak = f"{row.peak_rss:.1f}" if row.peak_rss is not None else "-"
         lines.append(
-            f"| {workload.name} | {row.framework} | {rate} | {spread} | {ratio} | {ideal} "
-            f"| {peak} |"
+            f"| {workload.name} | {display_name(row.framework)} | {rate} | {spread} | {ratio} "
+            f"| {ideal} | {peak} |"
         )
     return "\n".join(lines)
 
@@ -509,6 +566,48 @@ def memory_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def idempotency_table(rows: Sequence[Row]) -> str:
+    """W1 and W2 on messages with a message_id each: idempotency off against on, beside
+    steadyrabbit without ids and raw pika (W1) of the same run."""
+    lines = [
+        "| workload | steadyrabbit, no ids | ids, idempotency off | ids, idempotency on "
+        "| on / off | cost per message | x raw pika (off → on) | % of ideal (off → on) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    found = False
+    for name in ID_WORKLOADS:
+        workload = WORKLOADS[name]
+        on = _median_of(rows, name, IDS_ON)
+        off = _median_of(rows, name, IDS_OFF)
+        if on is None and off is None:
+            continue
+        found = True
+        plain = _median_of(rows, name, "steadyrabbit")
+        pika_rate = _median_of(rows, name, BASELINE)
+        share = cost = vs_pika = vs_ideal = "-"
+        if on is not None and off is not None:
+            share = f"{on / off:.2f}x ({100 * (on / off - 1):+.0f} %)"
+            cost = f"{1e6 * (1 / on - 1 / off):+.1f} µs"
+
+        def ratio(rate: float | None, base: float | None) -> str:
+            return "-" if rate is None or not base else f"{rate / base:.2f}x"
+
+        def percent(rate: float | None, base: float) -> str:
+            return "-" if rate is None else f"{100 * rate / base:.1f} %"
+
+        if workload.ideal:
+            vs_ideal = f"{percent(off, workload.ideal)} → {percent(on, workload.ideal)}"
+        if pika_rate:
+            vs_pika = f"{ratio(off, pika_rate)} → {ratio(on, pika_rate)}"
+        elif workload.handler == "async_sleep":
+            vs_pika = "n/a"
+        lines.append(
+            f"| {name} | {_fmt_rate(plain)} | {_fmt_rate(off)} | {_fmt_rate(on)} | {share} "
+            f"| {cost} | {vs_pika} | {vs_ideal} |"
+        )
+    return "\n".join(lines) if found else ""
+
+
 # What a perfect consumer could do on this machine: the same number of slots sleeping the
 # same time in a loop, with no broker and no framework. Filled by calibrate() in main().
 CEILINGS: dict[str, float] = {}
@@ -559,11 +658,13 @@ def calibrate(workload: Workload, seconds: float = 3.0) -> float:
 def targets(rows: Sequence[Row]) -> list[str]:
     """The project's targets, PASS or MISS, computed from the medians."""
     lines = []
-    sr_w1 = _median_of(rows, "W1", "steadyrabbit")
 
-    def ratio_target(peer: str, goal: float, note: str = "") -> None:
+    def ratio_target(
+        peer: str, goal: float, note: str = "", framework: str = "steadyrabbit", what: str = ""
+    ) -> None:
+        sr_w1 = _median_of(rows, "W1", framework)
         peer_rate = _median_of(rows, "W1", peer)
-        label = f"W1 ≥ {goal:g}x {peer}{note}"
+        label = f"W1{what} ≥ {goal:g}x {peer}{note}"
         if sr_w1 is None or peer_rate is None:
             lines.append(f"- {label}: **not measured** in this run")
             return
@@ -579,6 +680,7 @@ def targets(rows: Sequence[Row]) -> list[str]:
             )
 
     ratio_target("pika", 1.5, " (raw pika)")
+    ratio_target("pika", 1.5, " (raw pika)", IDS_ON, " with ids and idempotency on")
     ratio_target("aio-pika", 3.0)
     ratio_target("aio-pika+uvloop", 3.0, " (stricter: the same event loop as steadyrabbit)")
     for name in ("W2", "W3"):
@@ -740,7 +842,8 @@ def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[st
             "",
             f"**Smaller than the full sizes** ({full}, every round of W5). A full run takes "
             f"about {FULL_RUN_MINUTES} minutes on this 2-core machine, so the default run is "
-            f"smaller ({default}, one round of W5) to stay near 15 minutes. The full sizes: "
+            f"smaller ({default}, one round of W5), about {DEFAULT_RUN_MINUTES} minutes. The "
+            "full sizes: "
             "`.venv/bin/python bench/run.py --full --write`.",
         ]
     parts += [
@@ -767,6 +870,25 @@ def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[st
         "640 msg/s). Peak RSS: the highest of the rounds (VmHWM of the consumer's process).",
         "",
     ]
+    cost = idempotency_table(rows)
+    if cost:
+        parts += [
+            "### Idempotency cost: messages with a message_id",
+            "",
+            cost,
+            "",
+            "Idempotency is on by default, but the main rows' messages carry no `message_id`, "
+            "so the `Leases` middleware lets them through. Here the same W1 and W2 messages "
+            "carry a unique `message_id` each (a UUID): with idempotency on (the default "
+            "settings) each takes a lease in the SQLite store before its handler and writes a "
+            "done record after it, in one transaction per event-loop turn, in the run's own "
+            "fresh `state_dir`; off is `Settings(idempotency=False)` on the same messages. "
+            "Medians over the rounds of this run. Cost per message: 1 / on - 1 / off, the time "
+            "idempotency adds to the run per message (W1: mostly CPU; W2, whose 100 handlers "
+            "mostly wait: each handler slot's added time divided by 100). x raw pika: against "
+            "raw pika's W1 median (W2: n/a, see above).",
+            "",
+        ]
     memory = memory_table(rows)
     if memory:
         parts += [
@@ -799,7 +921,8 @@ def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[st
         "",
         "```sh",
         ".venv/bin/pip install -e '.[bench,speed]'             # the peers, and uvloop",
-        ".venv/bin/python bench/run.py --write                # defaults: about 14 min",
+        ".venv/bin/python bench/run.py --write                # defaults: about "
+        f"{DEFAULT_RUN_MINUTES} min",
         f".venv/bin/python bench/run.py --full --write         # full sizes: about "
         f"{FULL_RUN_MINUTES} min",
         ".venv/bin/python bench/run.py --workload W5 --w5-messages 1000000 --rounds 1",
@@ -848,7 +971,16 @@ METHOD = """\
 - **steadyrabbit**: `App().add_consumer(handler, queue, concurrency=..., prefetch=...)` run by
   `async with Worker(app, Settings(...))` on uvloop (as `steadyrabbit.run` does), heartbeat left
   at its default. Async handlers for W1, W2, W4 (`decode="json"`) and W5; a sync `def` handler
-  for W3, which steadyrabbit runs in its own pool of `concurrency` threads.
+  for W3, which steadyrabbit runs in its own pool of `concurrency` threads. Each run has its
+  own fresh, empty `state_dir` (a temporary directory).
+- **steadyrabbit with message ids (W1, W2).** Idempotency is on by default, and it acts only on
+  messages with a `message_id`; the suite's messages have none, so the plain steadyrabbit rows
+  pass through it. Two more steadyrabbit runs per round consume the same workload from a queue
+  whose every message carries a unique `message_id` (a UUID set when filling): *ids,
+  idempotency on* with the default settings (a lease in the SQLite store in `state_dir` before
+  the handler, a done record after it; WAL, `synchronous=NORMAL`, one transaction per
+  event-loop turn) and *ids, idempotency off* with `Settings(idempotency=False)`. The parent
+  checks that the on run left one done record per message in its store.
 - **raw pika**: `BlockingConnection`, `basic_qos(prefetch_count=...)`, `basic_consume` with a
   plain callback and `basic_ack` per message. **W2 is not applicable**: pika has no async
   handlers, and a callback that waits blocks the connection, so it handles one message at a
@@ -895,7 +1027,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--frameworks",
         default=",".join(FRAMEWORKS),
-        help=f"comma-separated, from {','.join(FRAMEWORKS)} (default: all)",
+        help=f"comma-separated, from {','.join(FRAMEWORKS)} (default: all; {IDS_ON} and "
+        f"{IDS_OFF}: steadyrabbit on messages with a message_id, idempotency on / off, "
+        f"{' and '.join(ID_WORKLOADS)} only)",
     )
     parser.add_argument("--url", default=DEFAULT_URL, help="broker URL (env STEADYRABBIT_URL)")
     sizes = ", ".join(f"{name} {count:,}" for name, count in DEFAULT_MESSAGES.items())
@@ -904,7 +1038,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--full",
         action="store_true",
         help=f"the full sizes ({full}) and every round of W5 (about {FULL_RUN_MINUTES} min); "
-        f"default: {sizes}, one round of W5 (about 14 min)",
+        f"default: {sizes}, one round of W5 (about {DEFAULT_RUN_MINUTES} min)",
     )
     parser.add_argument(
         "--messages", type=int, help="messages per run, for every workload (overrides the sizes)"
@@ -976,7 +1110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     frameworks = args.frameworks
     measurements: list[Measurement] = []
     total = sum(
-        len(frameworks) * (args.w5_rounds if w.name == "W5" else args.rounds) for w in workloads
+        len(frameworks_for(w, frameworks)) * (args.w5_rounds if w.name == "W5" else args.rounds)
+        for w in workloads
     )
     _log(
         f"steadyrabbit benchmarks: {', '.join(args.workloads)} x {', '.join(frameworks)}, "
@@ -995,8 +1130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for index, workload in enumerate(workloads):
                 if workload.name == "W5" and round_ > args.w5_rounds:
                     continue
-                shift = (round_ - 1 + index) % len(frameworks)
-                order = frameworks[shift:] + frameworks[:shift]
+                these = frameworks_for(workload, frameworks)
+                if not these:
+                    continue
+                shift = (round_ - 1 + index) % len(these)
+                order = these[shift:] + these[:shift]
                 for framework in order:
                     measurement = runner.measure(framework, workload, round_)
                     measurements.append(measurement)
@@ -1014,6 +1152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if memory:
         print("\nW5 memory (MB):", file=table_out)
         print(memory, file=table_out)
+    cost = idempotency_table(rows)
+    if cost:
+        print("\nIdempotency cost (messages with a message_id):", file=table_out)
+        print(cost, file=table_out)
     print("\nTargets:", file=table_out)
     for line in targets(rows):
         print(line.replace("**", ""), file=table_out)

@@ -3,11 +3,18 @@
 Like ``steadyrabbit.run``, it runs on uvloop when uvloop is installed. Async handlers run as
 tasks (``concurrency`` at once), a sync handler in steadyrabbit's own thread pool of
 ``concurrency`` threads. ``worker.stats.acked`` tells when the last ack went out.
+
+``spec["idempotency"]`` (default True, as in ``Settings``) turns the ``Leases`` middleware on
+or off. Each run has a fresh, empty ``state_dir``, where the SQLite lease store lives; after
+the run the done records in it are counted (``done_records``), so the parent can tell that
+messages with a ``message_id`` really went through the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,14 +36,34 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+# Where SQLiteLeaseStore keeps its records in state_dir (steadyrabbit._idempotency.lease_store).
+_LEASES_FILE = "leases.sqlite3"
+
+
 def run(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     factory = _loop_factory()
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_consume(spec, probe))
-    return {"loop": "uvloop" if factory else "asyncio"}
+    idempotency = bool(spec.get("idempotency", True))
+    with tempfile.TemporaryDirectory(prefix="steadyrabbit-bench-") as state_dir:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_consume(spec, probe, Path(state_dir), idempotency))
+        done_records = _done_records(Path(state_dir) / _LEASES_FILE)
+    return {
+        "loop": "uvloop" if factory else "asyncio",
+        "idempotency": idempotency,
+        "done_records": done_records,
+    }
 
 
-async def _consume(spec: dict[str, Any], probe: Probe) -> None:
+def _done_records(path: Path) -> int:
+    """Done records in the SQLite lease store; 0 when it was never created."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute("SELECT count(*) FROM leases WHERE state = 'done'").fetchone()
+    return int(row[0])
+
+
+async def _consume(spec: dict[str, Any], probe: Probe, state_dir: Path, idempotency: bool) -> None:
     loop = asyncio.get_running_loop()
     all_handled = asyncio.Event()
     kind = spec["handler"]
@@ -82,18 +109,18 @@ async def _consume(spec: dict[str, Any], probe: Probe) -> None:
         prefetch=int(spec["prefetch"]),
         decode="json" if kind == "json" else None,
     )
-    with tempfile.TemporaryDirectory(prefix="steadyrabbit-bench-") as state_dir:
-        settings = Settings(
-            urls=(spec["url"],),
-            connect_timeout=5.0,
-            grace_period=5.0,
-            name="steadyrabbit-bench",
-            state_dir=Path(state_dir),
-        )
-        async with Worker(app, settings) as worker:
-            await all_handled.wait()
-            # stats.acked is a plain counter: poll it (only once the last handler ended).
-            while worker.stats.acked < probe.messages:  # noqa: ASYNC110
-                await asyncio.sleep(_ACK_POLL_S)
-            await asyncio.sleep(0)  # an ack counted in this loop turn may be sent at its end
-            probe.finish()
+    settings = Settings(
+        urls=(spec["url"],),
+        connect_timeout=5.0,
+        grace_period=5.0,
+        name="steadyrabbit-bench",
+        state_dir=state_dir,
+        idempotency=idempotency,
+    )
+    async with Worker(app, settings) as worker:
+        await all_handled.wait()
+        # stats.acked is a plain counter: poll it (only once the last handler ended).
+        while worker.stats.acked < probe.messages:  # noqa: ASYNC110
+            await asyncio.sleep(_ACK_POLL_S)
+        await asyncio.sleep(0)  # an ack counted in this loop turn may be sent at its end
+        probe.finish()
