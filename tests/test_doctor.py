@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ import pika.exceptions
 import pytest
 
 from steadyrabbit import App, Message, Worker
+from steadyrabbit._leases import SQLiteLeaseStore
 from tests._broker import BrokerNode
 from tests.conftest import MAIN_URL, Admin, MakeSettings, eventually
 
@@ -498,6 +500,63 @@ def test_without_management_says_what_it_could_not_check(queue_name: str) -> Non
     assert queue_report["messages_ready"] == 2
     assert queue_report["consumers"] is None  # unknown, not "none"
     assert queue_report["type"] is None
+
+
+async def test_the_lease_store_and_how_long_runs_are_protected(tmp_path: Path) -> None:
+    """The default store, a SQLite file in --state-dir: doctor does not create it (it may run
+    as another user than the worker), then reads it once a worker would have. The machine's
+    RabbitMQ 3.10 has no per-consumer timeout: long runs are handed off."""
+    state = tmp_path / "state"
+    path = state / "leases.sqlite3"
+    args = ["--url", MAIN_URL, "--state-dir", str(state)]
+    fresh = doctor(*args)
+    assert fresh.status == EXIT_OK, fresh.output
+    assert fresh.problems() == [], fresh.stdout
+    assert f"✓ idempotency store sqlite:{path}: not created yet (a worker creates it)" in (
+        fresh.stdout
+    )
+    assert not state.exists(), "doctor created nothing"
+    assert "i long runs: handed off before consumer_timeout" in fresh.stdout
+    assert "has no per-consumer timeout" in fresh.flat
+    assert "for a consumer without max_duration" in fresh.flat
+
+    store = SQLiteLeaseStore(path)
+    await store.open()
+    try:
+        await store.acquire("order-1", "host/1/1/1", 30.0)
+        await store.complete("order-1", "host/1/1/1", 3600.0)
+        await store.acquire("order-2", "host/1/1/2", 30.0)
+    finally:
+        await store.close()
+    used = doctor(*args)
+    assert used.status == EXIT_OK, used.output
+    [line] = [line for line in used.stdout.splitlines() if "idempotency store" in line]
+    assert re.fullmatch(
+        rf"✓ idempotency store sqlite:{re.escape(str(path))}: reachable, 2 records, 1 running, "
+        r"the oldest changed \d+ s ago",
+        line,
+    ), line
+    document = doctor(*args, "--json").json()
+    assert document["idempotency"]["state"] == "reachable"
+    assert (document["idempotency"]["records"], document["idempotency"]["running"]) == (2, 1)
+    assert 0 <= document["idempotency"]["oldest_age"] < 60
+    assert document["long_runs"].endswith("has no per-consumer timeout)")
+
+
+def test_a_store_that_does_not_answer_is_critical_in_one_sentence() -> None:
+    """A worker with this store would stop at start: critical, the password masked. With
+    idempotency off the store still holds the hand-offs' leases, so it is checked all the
+    same."""
+    url = f"redis://:{PASSWORD}@127.0.0.1:1/0"
+    result = doctor("--url", MAIN_URL, "--idempotency-store", url, "--idempotency", "no")
+    assert result.status == EXIT_FAILURE, result.output
+    assert result.marked("✗") == [
+        "✗ idempotency store redis://:****@127.0.0.1:1/0 is not usable: connection refused"
+    ], result.stdout
+    assert "fix: make the store reachable, or fix --idempotency-store" in result.flat
+    assert "i idempotency is off: a copy of a message that completed runs again" in result.stdout
+    assert PASSWORD not in result.output
+    assert result.stderr == ""
 
 
 # -- (g) secrets never appear -----------------------------------------------------------------

@@ -17,6 +17,7 @@ from steadyrabbit._ops.doctor.report import (
     ConsumerReport,
     DoctorReport,
     Finding,
+    IdempotencyReport,
     ManagementReport,
     QueueReport,
     ServerReport,
@@ -29,10 +30,13 @@ from steadyrabbit._ops.doctor.rules import (
     heartbeat_findings,
     judge,
     live_consumer_findings,
+    long_run_finding,
     management_finding,
     queue_findings,
+    store_findings,
     unlimited_prefetch_finding,
 )
+from steadyrabbit._topology import long_run_protection
 
 TIMEOUT = 1800.0  # RabbitMQ's default consumer_timeout, in seconds
 BEFORE_3_12 = (3, 10, 7)
@@ -365,6 +369,113 @@ def test_management_finding() -> None:
     assert management_finding(report().management).level == "ok"
     down = ManagementReport("http://localhost:15672", False, "not available: refused")
     assert management_finding(down).title.endswith(": not available: refused")
+
+
+# -- long runs and the idempotency store ---------------------------------------------------------
+
+SQLITE = "sqlite:/var/lib/steadyrabbit/leases.sqlite3"
+REDIS = "redis://:****@cache:6379/0"
+
+
+def test_long_runs_say_how_they_are_protected_and_mention_max_duration() -> None:
+    # The sentence as gather makes it, from the broker's version, for a consumer without one.
+    old = long_run_finding(long_run_protection(BEFORE_3_12, None), BEFORE_3_12)
+    assert (old.level, old.check) == ("info", "long-runs")
+    assert old.title == "long runs: handed off before consumer_timeout"
+    assert old.detail.startswith("A run still going at 60 % of consumer_timeout is handed off")
+    assert "(RabbitMQ 3.10.7 has no per-consumer timeout)." in old.detail
+    assert "for a consumer without max_duration" in old.detail
+    assert "max_duration changes nothing: x-consumer-timeout needs 3.12" in old.detail
+    new = long_run_finding(long_run_protection(FROM_3_12, None), FROM_3_12)
+    assert "needs 3.12" not in new.detail
+    assert "give the consumer max_duration to also send x-consumer-timeout" in new.detail
+    unknown = long_run_finding(long_run_protection((), None), None)
+    assert "needs 3.12" not in unknown.detail
+
+
+@pytest.mark.parametrize(
+    ("store", "level", "title"),
+    [
+        (
+            IdempotencyReport(SQLITE, True, "reachable", records=3, running=1, oldest_age=7300),
+            "ok",
+            f"idempotency store {SQLITE}: reachable, 3 records, 1 running, the oldest changed "
+            "2 h ago",
+        ),
+        (
+            IdempotencyReport(REDIS, True, "reachable", records=1, running=0, oldest_age=59.9),
+            "ok",
+            f"idempotency store {REDIS}: reachable, 1 record, 0 running, the oldest changed "
+            "59 s ago",
+        ),
+        (
+            IdempotencyReport(SQLITE, True, "reachable", records=0, running=0),
+            "ok",
+            f"idempotency store {SQLITE}: reachable, no records yet",
+        ),
+        (
+            IdempotencyReport(SQLITE, True, "not-created"),
+            "ok",
+            f"idempotency store {SQLITE}: not created yet (a worker creates it)",
+        ),
+        (
+            IdempotencyReport(REDIS, True, "unusable", "connection refused"),
+            "critical",
+            f"idempotency store {REDIS} is not usable: connection refused",
+        ),
+    ],
+)
+def test_the_idempotency_store(store: IdempotencyReport, level: str, title: str) -> None:
+    [finding] = store_findings(store)
+    assert (finding.level, finding.check, finding.title) == (level, "idempotency-store", title)
+
+
+def test_an_unusable_store_stops_a_worker_and_the_fix_names_the_setting() -> None:
+    [remote] = store_findings(IdempotencyReport(REDIS, True, "unusable", "connection refused"))
+    assert "stops at start" in remote.detail
+    assert "--idempotency-store" in remote.fix
+    problem = "/var/lib is not writable by this user"
+    [local] = store_findings(IdempotencyReport(SQLITE, True, "unusable", problem))
+    assert local.title.endswith(f"is not usable: {problem}")
+    assert "--state-dir" in local.fix
+
+
+def test_idempotency_off_is_said_and_the_store_still_checked() -> None:
+    off, store = store_findings(IdempotencyReport(SQLITE, False, "reachable", records=0))
+    assert (off.level, off.check) == ("info", "idempotency")
+    assert off.title == "idempotency is off: a copy of a message that completed runs again"
+    assert f"still handed off, under leases in {SQLITE}" in off.detail
+    assert store.check == "idempotency-store"
+    assert store_findings(None) == []
+
+
+def test_judge_puts_long_runs_and_the_store_after_the_worker_settings() -> None:
+    seen = report(
+        long_runs=long_run_protection(BEFORE_3_12, None),
+        idempotency=IdempotencyReport(REDIS, True, "unusable", "connection refused"),
+        queues=(queue(),),
+        alarms=None,
+        blocked_connections=None,
+        blocking_connections=None,
+    )
+    seen = replace(seen, findings=judge(seen))
+    assert levels(list(seen.findings)) == [
+        ("ok", "heartbeat"),
+        ("ok", "management"),
+        ("info", "consumer-timeout"),
+        ("ok", "prefetch"),
+        ("info", "long-runs"),
+        ("critical", "idempotency-store"),
+        ("ok", "queue"),
+        ("ok", "dead-letter"),
+    ]
+    assert seen.critical, "a worker with these settings would not start"
+    document = seen.to_dict()
+    assert document["idempotency"]["state"] == "unusable"
+    assert document["long_runs"].endswith("(RabbitMQ 3.10.7 has no per-consumer timeout)")
+    text = format_report(seen)
+    assert f"✗ idempotency store {REDIS} is not usable: connection refused" in text
+    assert "fix: make the store reachable, or fix --idempotency-store" in " ".join(text.split())
 
 
 # -- the checklist -------------------------------------------------------------------------------

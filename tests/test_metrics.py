@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -189,6 +190,85 @@ async def test_in_flight_and_the_age_of_the_oldest_unacked_delivery(
     assert after("steadyrabbit_oldest_unacked_age_seconds", **queue) == 0
     assert after("steadyrabbit_handler_duration_seconds_count", **queue) == 2
     assert after("steadyrabbit_handler_duration_seconds_sum", **queue) >= 0.5
+
+
+async def test_duplicates_suppressed_and_the_leases_held(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
+    """The same order sent twice (same message_id, same body): while the first runs, it holds a
+    lease; the second copy is acked without running, and counted, worker-wide and per queue."""
+    admin.declare(queue_name)
+    order = pika.BasicProperties(delivery_mode=2, message_id="order-1")
+    runs: list[bytes] = []
+    release = asyncio.Event()
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        runs.append(message.body)
+        await release.wait()
+
+    async with Worker(app, metrics_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"order"], properties=order)
+        await eventually(lambda: worker.in_flight == 1, what="the first run")
+        during = await scrape(worker)
+        release.set()
+        await eventually(lambda: worker.stats.acked == 1, what="the first ack")
+        await admin.run(admin.publish, queue_name, [b"order"], properties=order)
+        await eventually(lambda: worker.stats.acked == 2, what="the copy acked")
+        after = await scrape(worker)
+    assert runs == [b"order"]
+    queue = {"queue": queue_name}
+    assert during("steadyrabbit_leases_held") == 1
+    assert during("steadyrabbit_duplicates_suppressed_total") == 0
+    assert after("steadyrabbit_leases_held") == 0
+    assert after("steadyrabbit_duplicates_suppressed_total") == 1
+    assert after("steadyrabbit_queue_duplicates_suppressed_total", **queue) == 1
+    assert after("steadyrabbit_queue_messages_total", outcome="succeeded", **queue) == 1
+    assert after("steadyrabbit_messages_handed_off_total") == 0
+    assert after("steadyrabbit_queue_handoffs_total", **queue) == 0
+    assert after("steadyrabbit_markers_settled_total") == 0
+    assert after("steadyrabbit_queue_markers_settled_total", **queue) == 0
+
+
+async def test_hand_offs_and_markers(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
+    """A run still going at 60 % of consumer_timeout (2 s, as this worker is told) is handed
+    off: a marker goes to the delay queue (lease 1 s) and comes back, to be dropped or delayed
+    again; the run holds its lease meanwhile. (The broker's own timeout is far away.)"""
+    admin.declare(queue_name)
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(2.0)
+
+    async with Worker(app, metrics_settings(consumer_timeout=2, lease=1)) as worker:
+        await admin.run(admin.publish, queue_name, [b"long"])
+        await eventually(lambda: worker.stats.handed_off == 1, what="the hand-off")
+        during = await scrape(worker)
+
+        def settled() -> bool:
+            # The run is over, and its marker came back and was dropped: nothing waits anywhere.
+            return (
+                worker.in_flight == 0
+                and worker.stats.markers >= 1
+                and admin.counts(f"{queue_name}.retry.1000ms")[0] == 0
+                and admin.counts(queue_name)[0] == 0
+            )
+
+        await eventually(settled, what="the marker dropped")
+        after = await scrape(worker)
+        markers = worker.stats.markers
+    queue = {"queue": queue_name}
+    assert during("steadyrabbit_messages_handed_off_total") == 1
+    assert during("steadyrabbit_queue_handoffs_total", **queue) == 1
+    assert during("steadyrabbit_leases_held") == 1, "a lease of its own, for the hand-off"
+    assert after("steadyrabbit_leases_held") == 0
+    assert after("steadyrabbit_markers_settled_total") == markers
+    assert after("steadyrabbit_queue_markers_settled_total", **queue) == markers
+    assert after("steadyrabbit_duplicates_suppressed_total") == 0
 
 
 async def test_seconds_since_the_last_broker_traffic(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pika
 import pytest
 
 from steadyrabbit import App, Message, Reject, Retry, Worker
+from steadyrabbit._status import status_page
 from tests.conftest import Admin, MakeSettings, eventually
 from tests.test_metrics import get
 
@@ -131,6 +133,39 @@ async def test_each_consumer_has_its_own_counts(
     assert counts == {queue_name: (3, 3, 0, 0), other: (2, 1, 0, 1)}
     totals = document["totals"]
     assert (totals["delivered"], totals["acked"], totals["dead_lettered"]) == (5, 5, 1)
+
+
+async def test_duplicates_suppressed_and_leases_held(
+    queue_name: str, admin: Admin, metrics_settings: MakeSettings
+) -> None:
+    """The same order sent twice: the first run holds a lease while it runs; the copy is acked
+    without running and counted as a duplicate, in the totals and in its consumer."""
+    admin.declare(queue_name)
+    order = pika.BasicProperties(delivery_mode=2, message_id="order-1")
+    release = asyncio.Event()
+    app = App()
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        await release.wait()
+
+    async with Worker(app, metrics_settings()) as worker:
+        await admin.run(admin.publish, queue_name, [b"order"], properties=order)
+        await eventually(lambda: worker.in_flight == 1, what="the first run")
+        during = await status(worker)
+        release.set()
+        await eventually(lambda: worker.stats.acked == 1, what="the first ack")
+        await admin.run(admin.publish, queue_name, [b"order"], properties=order)
+        await eventually(lambda: worker.stats.acked == 2, what="the copy acked")
+        after = await status(worker)
+    assert during["totals"]["leases_held"] == 1
+    assert during["totals"]["duplicates"] == 0
+    totals = after["totals"]
+    assert (totals["duplicates"], totals["succeeded"], totals["leases_held"]) == (1, 1, 0)
+    assert (totals["handed_off"], totals["markers"]) == (0, 0)
+    [consumer] = after["consumers"]
+    assert (consumer["duplicates"], consumer["handed_off"], consumer["markers"]) == (1, 0, 0)
+    assert consumer["handled"] == 1, "the copy never reached the handler"
 
 
 async def test_in_flight_ages_of_slow_handlers_oldest_first(
@@ -299,14 +334,15 @@ async def test_the_page_in_chromium_shows_real_numbers_and_draws_the_chart(
             while not stop.wait(0.003):
                 channel.basic_publish("", queue_name, b"ok")
 
-    async with Worker(app, metrics_settings(consumer_timeout=4)) as worker:
+    # A run still going at 60 % of consumer_timeout is handed off, and then no longer counts
+    # against it (no bar): the slow handler stays well below that here. The bars' colours are
+    # checked on a status document of known ages (the next test).
+    async with Worker(app, metrics_settings(consumer_timeout=20)) as worker:
         [consumer] = worker.consumers
         address = worker.metrics_address
         assert address is not None
         await admin.run(admin.publish, queue_name, [b"slow", b"reject"])
         await eventually(lambda: worker.stats.dead_lettered == 1, what="the dead letter")
-        # The slow handler's age passes half of consumer_timeout: its bar turns amber.
-        await asyncio.sleep(2.1)
         stop = threading.Event()
         feeding = asyncio.ensure_future(asyncio.to_thread(feed, stop))
         try:
@@ -341,9 +377,70 @@ async def test_the_page_in_chromium_shows_real_numbers_and_draws_the_chart(
     assert len(coordinates) >= 2
     assert all(0 <= float(x) <= 600 and 0 <= float(y) <= 160 for x, y in coordinates)
     assert any(float(y) < 150 for _, y in coordinates), "some throughput above zero"
-    assert re.search(r'class="age-bar (warn|bad)" style="width: [\d.]+%;"', dom), (
-        "the slow handler's bar, past half of consumer_timeout"
-    )
+    assert re.search(r'class="age-bar" style="width: [\d.]+%;"', dom), "the slow handler's bar"
+    assert _text(dom, "duplicates") == "0"
+    assert _text(dom, "long_runs") == "handed off 0, markers 0, leases held 0"
+
+
+async def test_the_page_in_chromium_colours_the_bars_and_shows_the_long_runs() -> None:
+    """The page on a status document of known ages and counters, served by a stub: a run past
+    half of consumer_timeout is amber, past 90 % red; duplicates and hand-offs are shown."""
+    browser = chromium()
+    page, _policy = status_page()
+    document = {
+        "format": 1,
+        "kind": "steadyrabbit.status",
+        "worker": {"name": "stub", "pid": 1, "host": "box", "uptime_seconds": 60.0},
+        "ready": True,
+        "not_ready_reason": None,
+        "consumer_timeout_seconds": 100,
+        "heartbeat_seconds": 15,
+        "broker": MASKED,
+        "broker_traffic_age_seconds": 0.1,
+        "loop_lag_seconds": 0.001,
+        "loop_lag_max_seconds": 0.002,
+        "totals": {
+            "delivered": 20, "succeeded": 12, "retried": 1, "dead_lettered": 1,
+            "in_flight": 3, "stale_acks_dropped": 0, "handler_errors": 0, "duplicates": 3,
+            "handed_off": 2, "markers": 5, "leases_held": 1,
+        },
+        "reconnects": {"connection_lost": 0},
+        "consumers": [
+            {
+                "queue": "orders", "in_flight": 3, "concurrency": 4, "waiting": 0,
+                "handled": 12, "oldest_unacked_age_seconds": 95.0,
+                "in_flight_ages_seconds": [95.0, 55.0, 10.0], "in_flight_ages_omitted": 0,
+            }
+        ],
+    }  # fmt: skip
+    body = json.dumps(document).encode()
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = {"/": (page, "text/html"), "/status.json": (body, "application/json")}
+            content, kind = found.get(self.path.partition("?")[0], (b"", "text/plain"))
+            self.send_response(200 if content else 404)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        dom = await dump_dom(browser, f"http://127.0.0.1:{server.server_port}/", budget_ms=3000)
+    finally:
+        server.shutdown()
+        server.server_close()
+    bars = re.findall(r'class="(age-bar[^"]*)" style="width: ([\d.]+)%;"', dom)
+    shown = [(kind, float(width)) for kind, width in bars]
+    assert shown == [("age-bar bad", 95.0), ("age-bar warn", 55.0), ("age-bar", 10.0)], dom
+    assert _text(dom, "duplicates") == "3"
+    assert _text(dom, "long_runs") == "handed off 2, markers 5, leases held 1"
 
 
 def _text(dom: str, element_id: str) -> str:

@@ -45,7 +45,13 @@ from prometheus_client.registry import Collector
 from ._errors import ConfigurationError
 from ._measures import BrokerTraffic, Durations
 from ._middleware import CallNext, Middleware
-from ._status import RECONNECT_CAUSES, build_status, not_ready_reason, status_page
+from ._status import (
+    RECONNECT_CAUSES,
+    build_status,
+    leases_held,
+    not_ready_reason,
+    status_page,
+)
 
 if TYPE_CHECKING:
     from ._message import Message
@@ -103,6 +109,29 @@ class WorkerCollector(Collector):
             "Messages sent to their dead-letter queue <queue>.dlq (copy confirmed, original "
             "acked).",
             stats.dead_lettered,
+        )
+        yield _counter(
+            "duplicates_suppressed",
+            "Copies acked without running because that message had completed before (idempotency).",
+            stats.duplicates,
+        )
+        yield _counter(
+            "messages_handed_off",
+            "Deliveries acked early while their handler ran on (a hand-off before "
+            "consumer_timeout): a confirmed marker in the delay queue stands for the run.",
+            stats.handed_off,
+        )
+        yield _counter(
+            "markers_settled",
+            "Hand-off markers settled without running (their run was over, or still alive and "
+            "delayed again), and copies that became the marker of a run still going.",
+            stats.markers,
+        )
+        yield _gauge(
+            "leases_held",
+            "Running handlers that hold a lease in the idempotency store (a message with a key, "
+            "or a handed-off run).",
+            leases_held(worker.consumers),
         )
         requeued = CounterMetricFamily(
             "steadyrabbit_messages_requeued",
@@ -241,6 +270,22 @@ class WorkerCollector(Collector):
             "Deliveries received per queue (redeliveries included).",
             labels=["queue"],
         )
+        duplicates = CounterMetricFamily(
+            "steadyrabbit_queue_duplicates_suppressed",
+            "Copies acked without running per queue: that message had completed before.",
+            labels=["queue"],
+        )
+        handoffs = CounterMetricFamily(
+            "steadyrabbit_queue_handoffs",
+            "Deliveries per queue acked early while their handler ran on past the reach of "
+            "consumer_timeout (a marker stands for the run).",
+            labels=["queue"],
+        )
+        markers = CounterMetricFamily(
+            "steadyrabbit_queue_markers_settled",
+            "Hand-off markers per queue settled without running (dropped or delayed again).",
+            labels=["queue"],
+        )
         durations = HistogramMetricFamily(
             "steadyrabbit_handler_duration_seconds",
             "Time spent in the handler per message (decoding and the retry or dead-letter "
@@ -259,6 +304,9 @@ class WorkerCollector(Collector):
             outcomes.add_metric([*queue, "succeeded"], counts.succeeded)
             outcomes.add_metric([*queue, "retried"], counts.retried)
             outcomes.add_metric([*queue, "dead_lettered"], counts.dead_lettered)
+            duplicates.add_metric(queue, counts.duplicates)
+            handoffs.add_metric(queue, counts.handed_off)
+            markers.add_metric(queue, counts.markers)
             recorded = self._durations.get(consumer.spec.queue)
             if recorded is not None:
                 durations.add_metric(queue, recorded.cumulative(), recorded.total)
@@ -273,6 +321,9 @@ class WorkerCollector(Collector):
         yield ready
         yield deliveries
         yield outcomes
+        yield duplicates
+        yield handoffs
+        yield markers
         yield durations
 
 

@@ -7,8 +7,11 @@ Prometheus collector reads too (:class:`Stats`, the consumers, the handler durat
 broker-traffic ages): nothing here runs per message.
 
 The counters in ``totals`` are the worker's; each consumer also has its own ``delivered``,
-``succeeded``, ``acked``, ``retried``, ``dead_lettered`` and ``handled`` (handler calls
-finished). The broker appears only as its masked URL.
+``succeeded``, ``acked``, ``retried``, ``dead_lettered``, ``duplicates`` (copies acked without
+running: that message had completed before), ``handed_off`` (deliveries acked early while their
+run went on), ``markers`` (hand-off markers settled without running) and ``handled`` (handler
+calls finished). ``totals.leases_held`` counts the running handlers that hold a lease (see
+:mod:`._idempotency`). The broker appears only as its masked URL.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import os
 import re
 import socket
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from importlib.resources import files
 from time import monotonic
@@ -28,7 +32,14 @@ if TYPE_CHECKING:
     from ._measures import BrokerTraffic, Durations
     from ._view import ConsumerView, WorkerView
 
-__all__ = ["FORMAT", "RECONNECT_CAUSES", "build_status", "not_ready_reason", "status_page"]
+__all__ = [
+    "FORMAT",
+    "RECONNECT_CAUSES",
+    "build_status",
+    "leases_held",
+    "not_ready_reason",
+    "status_page",
+]
 
 #: ``format`` of the document; bumped when a field changes meaning or goes away.
 FORMAT = 1
@@ -52,6 +63,17 @@ def not_ready_reason(worker: WorkerView) -> str | None:
         return "not connected to the broker (connecting)"
     pending = ", ".join(repr(c.spec.queue) for c in consumers if not c.ready.is_set())
     return f"not consuming {pending} yet (restoring the channel and the consumer)"
+
+
+def leases_held(consumers: Iterable[ConsumerView]) -> int:
+    """Running handlers that hold a lease (a message with a key, or a handed-off run); counted
+    when asked, from the messages each consumer is running."""
+    return sum(
+        1
+        for consumer in consumers
+        for message in consumer.running_messages()
+        if message.lease is not None
+    )
 
 
 def build_status(
@@ -115,8 +137,12 @@ def build_status(
             "channel_recoveries": stats.channel_recoveries,
             "consumer_cancels": stats.consumer_cancels,
             "loop_stalls": stats.loop_stalls,
+            "duplicates": stats.duplicates,
+            "handed_off": stats.handed_off,
+            "markers": stats.markers,
             "in_flight": sum(c.in_flight for c in consumers),
             "waiting": sum(c.waiting for c in consumers),
+            "leases_held": leases_held(consumers),
         },
         "reconnects": {
             cause: stats.reconnects[cause]
@@ -158,6 +184,9 @@ def _consumer(consumer: ConsumerView, recorded: Durations | None, now: float) ->
         "acked": counts.acked,
         "retried": counts.retried,
         "dead_lettered": counts.dead_lettered,
+        "duplicates": counts.duplicates,
+        "handed_off": counts.handed_off,
+        "markers": counts.markers,
         "oldest_unacked_age_seconds": 0.0 if since is None else round(max(0.0, now - since), 3),
         "in_flight_ages_seconds": [round(age, 3) for age in ages[:MAX_AGES]],
         "in_flight_ages_omitted": max(0, len(ages) - MAX_AGES),

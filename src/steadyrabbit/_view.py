@@ -6,7 +6,7 @@ Protocols, so that those modules depend on this leaf and not on the worker or th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -56,6 +56,11 @@ class ConsumerView(Protocol):
     def track_running(self) -> None: ...
 
     def running(self) -> list[tuple[Message, float]]: ...
+
+    def running_messages(self) -> Iterable[Message]:
+        """The messages whose handlers run now, whether or not metrics are on (a live view:
+        read it at once, without awaiting in between)."""
+        ...
 
     def oldest_unacked(self) -> float | None: ...
 

@@ -27,10 +27,12 @@ def doctor_command(queues: tuple[str, ...], as_json: bool, config: Config) -> No
     Connects as a worker with the same options would and reports, as a checklist (or JSON):
     the server, the negotiated heartbeat, each queue (type, arguments, counts, consumers and
     their prefetch, dead-letter and retry queues), whether a prefetched message would wait
-    past consumer_timeout, alarms and blocked connections, each with a one-line fix. Works
-    without the management plugin, listing what it could not check. Exit status 1 when a
-    finding is critical. Takes every option of `run` and `relay`, so that a worker's command
-    line (or config file) can be checked as it is.
+    past consumer_timeout, alarms and blocked connections, how runs longer than
+    consumer_timeout are protected, and the idempotency store (reachable, its records and the
+    oldest one's age), each with a one-line fix. Works without the management plugin, listing
+    what it could not check. Exit status 1 when a finding is critical. Takes every option of
+    `run` and `relay`, so that a worker's command line (or config file) can be checked as it
+    is.
     """
     report = asyncio.run(
         diagnose(

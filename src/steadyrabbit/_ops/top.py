@@ -35,6 +35,8 @@ _KNOWN_PATHS = ("/status.json", "/metrics", "/healthz", "/readyz", "/status")
 _CLEAR = "\x1b[H\x1b[2J"
 _BOLD, _GREEN, _YELLOW, _RED, _RESET = "\x1b[1m", "\x1b[32m", "\x1b[33m", "\x1b[31m", "\x1b[0m"
 _ERRNO = re.compile(r"^\[Errno -?\d+\]\s*")
+#: Columns of a queue's row besides its name, with the DUP column.
+_ROW_WITH_DUP = 54
 
 
 # -- fetching ------------------------------------------------------------------------------------
@@ -247,9 +249,11 @@ def _queues(
         return ["no consumers"]
     before = {c.get("queue"): c for c in (previous or {}).get("consumers", [])}
     name_width = max(5, min(max(len(str(c.get("queue", ""))) for c in consumers), width - 46))
+    # DUP (duplicates suppressed) comes last, where there is room: a long name keeps its width.
+    dup = name_width + _ROW_WITH_DUP <= width
     lines = [
         f"{'QUEUE':<{name_width}}  {'RUNNING':>9}  {'WAITING':>7}  {'HANDLED':>8}  "
-        f"{'MSG/S':>7}  OLDEST"
+        f"{'MSG/S':>7}  {'OLDEST':>6}" + (f"  {'DUP':>5}" if dup else "")
     ]
     bar_width = max(4, min(40, width - 34))
     for consumer in consumers:
@@ -259,10 +263,11 @@ def _queues(
         throughput = _rate(handled, None if earlier is None else earlier.get("handled"), elapsed)
         running = f"{consumer.get('in_flight', 0)}/{consumer.get('concurrency', '?')}"
         flag = "" if consumer.get("ready") else "  (not consuming)"
+        duplicates = f"  {consumer.get('duplicates', 0):>5}" if dup else ""
         lines.append(
             f"{_clip(queue, name_width):<{name_width}}  {running:>9}  "
             f"{consumer.get('waiting', 0):>7}  {handled:>8}  {throughput:>7}  "
-            f"{_duration(consumer.get('oldest_unacked_age_seconds'))}{flag}"
+            f"{_duration(consumer.get('oldest_unacked_age_seconds')):>6}{duplicates}{flag}"
         )
         ages: list[float] = consumer.get("in_flight_ages_seconds", [])
         for age in ages[:MAX_AGE_LINES]:

@@ -1,9 +1,9 @@
 """``steadyrabbit doctor``: check a broker, its queues and a worker's settings before trouble.
 
 :func:`~.gather.diagnose` connects with the settings a worker would use and returns a
-:class:`~.report.DoctorReport`: what it saw (server, heartbeat, queues, consumers, alarms) and a
-list of findings, each with a level (ok, info, warning, critical), a title, a detail and a
-one-line fix.
+:class:`~.report.DoctorReport`: what it saw (server, heartbeat, queues, consumers, alarms, how
+long runs are protected, the idempotency store) and a list of findings, each with a level (ok,
+info, warning, critical), a title, a detail and a one-line fix.
 
 The package reads in the order a diagnosis runs:
 

@@ -5,26 +5,38 @@ the negotiated heartbeat, and each queue's ready count and consumer count (passi
 declarations, which change nothing). The management HTTP API, when reachable and of the same
 cluster, adds queue types and arguments, unacked counts, the live consumers' prefetch and ack
 mode, retry queues, alarms and blocked connections. Whatever could not be checked is listed in
-the report. Secrets never enter the report: URLs are masked.
+the report. The broker's version also says how long runs are protected
+(``_topology.long_run_protection``), and the lease store a worker would open is opened, read and
+closed (:func:`_lease_store`). Secrets never enter the report: URLs are masked.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
+import os
+import time
 import uuid
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
 from ..._amqp import ACCESS_REFUSED, NOT_FOUND, AmqpChannel, AmqpConnection, first_connection
+from ..._crashlog import default_state_dir
 from ..._errors import ChannelClosedError, ConfigurationError
 from ..._headers import header_text
+from ..._idempotency import lease_store
+from ..._leases import LeaseStore, SQLiteLeaseStore
 from ..._settings import Settings
-from ..._topology import dead_letter_queue_name, retry_queue_pattern
+from ..._topology import dead_letter_queue_name, long_run_protection, retry_queue_pattern
+from ..._url import mask_url
 from .management import (
     ManagementClient,
     ManagementDenied,
@@ -34,6 +46,7 @@ from .management import (
 from .report import (
     ConsumerReport,
     DoctorReport,
+    IdempotencyReport,
     ManagementReport,
     QueueReport,
     RetryQueueReport,
@@ -45,6 +58,8 @@ __all__ = ["diagnose"]
 
 # A management API request may take as long as connecting to the broker, but no longer than this.
 _MANAGEMENT_TIMEOUT_MAX = 10.0
+# Opening, reading and closing the lease store, at most (a database that does not answer).
+_STORE_TIMEOUT_MAX = 5.0
 
 
 def _quote(name: str) -> str:
@@ -331,6 +346,96 @@ class _Gatherer:
         return {state: tuple(names) for state, names in states.items()}
 
 
+async def _lease_store(settings: Settings) -> IdempotencyReport:
+    """The lease store a worker with ``settings`` opens at start: opened, read and closed
+    within a few seconds. A SQLite file that does not exist yet is not created (doctor may
+    run as another user than the worker): doctor checks that a worker could create it."""
+    enabled = settings.idempotency
+    state_dir = settings.state_dir or default_state_dir()
+    try:
+        store: LeaseStore = lease_store(settings.idempotency_store, state_dir)
+    except Exception as exc:  # noqa: BLE001 - a bad URL, a missing extra: one sentence
+        shown = mask_url(settings.idempotency_store or str(state_dir))
+        return IdempotencyReport(shown, enabled, "unusable", _problem(exc))
+    if isinstance(store, SQLiteLeaseStore) and not store.path.exists():
+        problem = _cannot_create(store.path)
+        if problem is not None:
+            return IdempotencyReport(store.description, enabled, "unusable", problem)
+        return IdempotencyReport(store.description, enabled, "not-created")
+    timeout = min(settings.connect_timeout, _STORE_TIMEOUT_MAX)
+    try:
+        with _LastWarning("psycopg") as warned:  # the pool retries, and says why in its log
+            async with asyncio.timeout(timeout):
+                await store.open()
+                seen = await store.report()
+    except TimeoutError:
+        why = f" (last: {mask_url(warned.text)})" if warned.text else ""
+        return IdempotencyReport(
+            store.description, enabled, "unusable", f"no answer within {timeout:g} s{why}"
+        )
+    except Exception as exc:  # noqa: BLE001 - whatever the store raised, in one sentence
+        return IdempotencyReport(store.description, enabled, "unusable", _problem(exc))
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(store.close(), timeout)
+    oldest = None if seen.oldest is None else max(0.0, time.time() - float(seen.oldest))
+    return IdempotencyReport(
+        store.description,
+        enabled,
+        "reachable",
+        records=seen.records,
+        running=seen.running,
+        oldest_age=oldest,
+    )
+
+
+class _LastWarning(logging.Handler):
+    """The last warning of a library's logger while in use, its first line; kept out of
+    doctor's output."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self._logger = logging.getLogger(name)
+        self._propagate = self._logger.propagate
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text = " ".join(record.getMessage().split("\n", 1)[0].split())
+
+    def __enter__(self) -> _LastWarning:
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
+
+
+def _problem(exc: BaseException) -> str:
+    """An exception as the end of one sentence, on one line, secrets masked: the system's
+    reason when the chain has one (``connection refused``), else the exception itself."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno and cause.errno > 0:
+            return os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(exc).split()).rstrip(".")
+    return mask_url(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _cannot_create(path: Path) -> str | None:
+    """Why this user could not create ``path`` (and the directories above it); None if it can."""
+    directory = path.parent
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory} is not writable by this user"
+    return None
+
+
 async def _probe(management: ManagementClient, cluster_name: str | None) -> str:
     """Return "available", or why the management API cannot be used.
 
@@ -379,6 +484,8 @@ async def diagnose(
         server = _server(connection.server_properties)
         requested = address.heartbeat if address.heartbeat is not None else settings.heartbeat
         negotiated = connection.negotiated_heartbeat
+        # doctor does not see the handlers: a consumer without max_duration.
+        long_runs = long_run_protection(connection.server_version, None)
         timeout = min(settings.connect_timeout, _MANAGEMENT_TIMEOUT_MAX)
         async with httpx.AsyncClient(
             auth=(target.username, target.password), timeout=timeout, follow_redirects=False
@@ -404,6 +511,7 @@ async def diagnose(
             finally:
                 channels.close()
             management_available = gatherer.management is not None
+    store = await _lease_store(settings)
 
     not_checked: list[str] = []
     if not management_available:
@@ -444,5 +552,7 @@ async def diagnose(
         not_checked=tuple(not_checked),
         findings=(),
         unreachable=tuple(unreachable),
+        idempotency=store,
+        long_runs=long_runs,
     )
     return replace(seen, findings=judge(seen, dlx_exists))

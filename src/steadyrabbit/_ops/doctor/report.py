@@ -19,6 +19,7 @@ __all__ = [
     "ConsumerReport",
     "DoctorReport",
     "Finding",
+    "IdempotencyReport",
     "Level",
     "ManagementReport",
     "QueueReport",
@@ -152,6 +153,29 @@ class ManagementReport:
     status: str
 
 
+StoreState = Literal["reachable", "not-created", "unusable"]
+
+
+@dataclass(frozen=True)
+class IdempotencyReport:
+    """The lease store a worker with these settings opens at start (see ``_idempotency``).
+
+    ``store``: its description, password masked. ``state``: ``reachable`` (opened, read and
+    closed), ``not-created`` (a SQLite file a worker would create; doctor creates nothing) or
+    ``unusable`` (``problem`` says why, in words the rules quote). ``enabled`` is
+    ``Settings.idempotency``: off, the store still holds the leases of hand-offs.
+    ``oldest_age``: seconds since the oldest record last changed.
+    """
+
+    store: str
+    enabled: bool
+    state: StoreState
+    problem: str | None = None
+    records: int | None = None
+    running: int | None = None
+    oldest_age: float | None = None
+
+
 @dataclass(frozen=True)
 class DoctorReport:
     broker: str
@@ -171,6 +195,11 @@ class DoctorReport:
     not_checked: tuple[str, ...]
     findings: tuple[Finding, ...]
     unreachable: tuple[str, ...] = field(default=())
+    #: The lease store; None: not checked.
+    idempotency: IdempotencyReport | None = None
+    #: How a run longer than consumer_timeout is protected on this broker, in one sentence
+    #: (``_topology.long_run_protection``, no handler's max_duration); None: not checked.
+    long_runs: str | None = None
 
     def count(self, level: Level) -> int:
         return sum(1 for finding in self.findings if finding.level == level)

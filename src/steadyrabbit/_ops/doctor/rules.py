@@ -20,6 +20,7 @@ from .report import (
     TIMES,
     DoctorReport,
     Finding,
+    IdempotencyReport,
     ManagementReport,
     QueueReport,
     plural,
@@ -38,8 +39,10 @@ __all__ = [
     "heartbeat_findings",
     "judge",
     "live_consumer_findings",
+    "long_run_finding",
     "management_finding",
     "queue_findings",
+    "store_findings",
     "unlimited_prefetch_finding",
     "unreachable_finding",
 ]
@@ -80,6 +83,9 @@ def judge(
     findings += configured_findings(
         report.prefetch, report.concurrency, report.handler_seconds, report.consumer_timeout
     )
+    if report.long_runs is not None:
+        findings.append(long_run_finding(report.long_runs, report.server.release))
+    findings += store_findings(report.idempotency)
     for queue in report.queues:
         findings += queue_findings(
             queue,
@@ -150,6 +156,76 @@ def consumer_timeout_finding(consumer_timeout: float) -> Finding:
         "RabbitMQ's default is 30 min. If the broker's differs, pass it as "
         "--consumer-timeout: the checks below compare against this value.",
     )
+
+
+def long_run_finding(protection: str, version: tuple[int, ...] | None) -> Finding:
+    """How a handler that outlives consumer_timeout is kept from tripping it on a broker of
+    ``version``: ``protection`` is that sentence (``_topology.long_run_protection``) for a
+    consumer without ``max_duration``, since doctor does not see the handlers."""
+    detail = (
+        f"{protection[:1].upper()}{protection[1:]}. doctor does not see the handlers: this is "
+        "for a consumer without max_duration."
+    )
+    if version is not None and version < CONSUMER_TIMEOUT_ARGUMENT_SINCE:
+        detail += " On this broker max_duration changes nothing: x-consumer-timeout needs 3.12."
+    return Finding("info", "long-runs", "long runs: handed off before consumer_timeout", detail)
+
+
+def store_findings(store: IdempotencyReport | None) -> list[Finding]:
+    """The lease store a worker opens at start: usable or not, and what it holds."""
+    if store is None:
+        return []
+    findings: list[Finding] = []
+    if not store.enabled:
+        findings.append(
+            Finding(
+                "info",
+                "idempotency",
+                "idempotency is off: a copy of a message that completed runs again",
+                "No message is deduplicated (--idempotency no). Runs near consumer_timeout are "
+                f"still handed off, under leases in {store.store}.",
+            )
+        )
+    name = f"idempotency store {store.store}"
+    if store.state == "unusable":
+        sqlite = store.store.startswith("sqlite:")
+        findings.append(
+            Finding(
+                "critical",
+                "idempotency-store",
+                f"{name} is not usable: {store.problem or 'unknown error'}",
+                "A worker with these settings opens it before consuming, and stops at start "
+                "when it cannot: it holds the leases of messages with a message_id and of "
+                "every hand-off.",
+                "give --state-dir a directory this user can write, or set --idempotency-store"
+                if sqlite
+                else "make the store reachable, or fix --idempotency-store (unset: a SQLite "
+                "file in --state-dir, for one host)",
+            )
+        )
+    elif store.state == "not-created":
+        findings.append(
+            Finding("ok", "idempotency-store", f"{name}: not created yet (a worker creates it)")
+        )
+    else:
+        records = store.records or 0
+        held = "no records yet"
+        if records:
+            held = f"{plural(records, 'record')}, {store.running or 0} running"
+            if store.oldest_age is not None:
+                held += f", the oldest changed {_age(store.oldest_age)} ago"
+        findings.append(Finding("ok", "idempotency-store", f"{name}: reachable, {held}"))
+    return findings
+
+
+def _age(value: float) -> str:
+    """``45 s``, ``12 min``, ``5 h``, ``3 days``: whole units, for an age."""
+    value = max(0.0, value)
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+        if value >= 2 * size:
+            count = int(value // size)
+            return plural(count, unit) if unit == "day" else f"{count} {unit}"
+    return f"{int(value)} s"
 
 
 def _names(names: Sequence[str]) -> str:
