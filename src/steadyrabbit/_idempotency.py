@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _headers
 from ._errors import ConfigurationError
-from ._leases import LeaseStore, SQLiteLeaseStore, Verdict
+from ._leases import Acquired, LeaseStore, SQLiteLeaseStore, Verdict, WriteBehind
 from ._message import Message, wire_headers
 from ._middleware import CallNext, Middleware
 from ._url import mask_url
@@ -50,6 +50,11 @@ log = logging.getLogger("steadyrabbit")
 
 #: Records are pruned this often.
 _PRUNE_EVERY = 3600.0
+#: Keys of completed runs a worker remembers itself (a copy of one is acked at once).
+_REMEMBERED_DONE = 10_000
+_RUN = Acquired(Verdict.RUN)
+_DONE = Acquired(Verdict.DONE)
+_REDELAY = Acquired(Verdict.REDELAY)
 
 KeyFunction = Callable[[Message], "str | None"]
 
@@ -93,7 +98,7 @@ def default_key(message: Message, vhost: str) -> str | None:
         digest.update(part.encode())
         digest.update(b"\0")
     digest.update(message.body)
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]  # 128 bits: short rows, and no collision in sight
 
 
 class Leases(Middleware):
@@ -113,6 +118,9 @@ class Leases(Middleware):
         retention: float,
     ) -> None:
         self._store = store
+        # The embedded store writes what every message writes behind it, in the loop turn's
+        # batch: a crash in the millisecond before the batch lands may run a message again.
+        self._behind = store if isinstance(store, WriteBehind) else None
         self._owner = owner
         self._vhost = vhost
         self._consumers = consumers
@@ -122,6 +130,10 @@ class Leases(Middleware):
         self._tokens = (f"{owner}/{n}" for n in itertools.count(1))
         # Runs of this process by key: a copy that arrives meanwhile waits on the future.
         self._runs: dict[str, asyncio.Future[None]] = {}
+        # The token of each run of this process, by key, and the keys it completed lately
+        # (oldest first): a copy that comes back to this process needs no store round trip.
+        self._running: dict[str, str] = {}
+        self._done: dict[str, None] = {}
         self._keeper: asyncio.Task[None] | None = None
         self._store_failures = 0
         self._tick = lease / 3
@@ -190,13 +202,28 @@ class Leases(Middleware):
         while True:
             token = next(self._tokens)
             try:
-                acquired = await self._store.acquire(key, token, self._lease, marker=marker)
+                acquired = self._local_verdict(key, marker)
+                if acquired is None:
+                    if marker is None and not message.redelivered:
+                        # A first delivery: the broker says no earlier run of it exists, so
+                        # the lease is written without reading the record first (by the
+                        # embedded store in this turn's batch, not waited for).
+                        if self._behind is not None:
+                            self._behind.queue_begin(key, token, self._lease)
+                        else:
+                            await self._store.begin(key, token, self._lease)
+                        acquired = _RUN
+                    else:
+                        acquired = await self._store.acquire(
+                            key, token, self._lease, marker=marker
+                        )
             except Exception as exc:  # noqa: BLE001 - any store error: run without a record
                 self._store_failed("take the lease of", message, exc)
                 return True
             verdict = acquired.verdict
             if verdict is Verdict.RUN:
                 message.lease = (key, token)
+                self._running[key] = token
                 return True
             counts = self._consumers[message.queue].counts
             if verdict is Verdict.DONE:
@@ -220,13 +247,33 @@ class Leases(Middleware):
                 await self._leave_marker(message, key, holder)
                 return False
 
+    def _local_verdict(self, key: str, marker: str | None) -> Acquired | None:
+        """What this process's own runs and completions say, with no store round trip; None
+        when only the store can tell."""
+        holder = self._running.get(key)
+        if marker is None:
+            if holder is not None:
+                return Acquired(Verdict.RUNNING, holder)
+            if key in self._done:
+                return _DONE
+        elif holder == marker:
+            return _REDELAY
+        return None
+
     async def _finish(self, message: Message, error: BaseException | None) -> None:
         lease = message.lease
         assert lease is not None
         key, token = lease
         try:
             if error is None:
-                await self._store.complete(key, token, self._retention)
+                if self._behind is not None:
+                    self._behind.queue_complete(key, token, self._retention)
+                else:
+                    await self._store.complete(key, token, self._retention)
+                done = self._done
+                done[key] = None
+                if len(done) > _REMEMBERED_DONE:
+                    del done[next(iter(done))]
             elif message.handed_off and isinstance(error, Exception):
                 # The outcome goes to a retry or dead-letter copy: drop the marker.
                 await self._store.resolve(key, token, self._retention)
@@ -236,6 +283,8 @@ class Leases(Middleware):
             self._store_failed("record the end of", message, exc)
         finally:
             message.lease = None
+            if self._running.get(key) == token:
+                del self._running[key]
             run = self._runs.pop(key, None)
             if run is not None and not run.done():
                 run.set_result(None)

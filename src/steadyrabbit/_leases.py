@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
+import logging
 import os
 import socket
 import sqlite3
@@ -32,7 +34,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger("steadyrabbit")
 
 __all__ = [
     "Acquired",
@@ -40,6 +44,7 @@ __all__ = [
     "SQLiteLeaseStore",
     "StoreReport",
     "Verdict",
+    "WriteBehind",
     "this_process",
 ]
 
@@ -93,6 +98,12 @@ class LeaseStore(Protocol):
         """
         ...
 
+    async def begin(self, key: str, token: str, lease: float) -> None:
+        """Record the lease of a first delivery without reading the record first: the broker
+        says no earlier run of this delivery exists, so there is no verdict to wait for (a
+        record of a live run or a done one is left as it is)."""
+        ...
+
     async def renew(self, leases: Sequence[tuple[str, str]], lease: float) -> None:
         """Extend the leases (key, token) still held by those runs to ``lease`` from now."""
         ...
@@ -115,6 +126,17 @@ class LeaseStore(Protocol):
         ...
 
     async def report(self) -> StoreReport: ...
+
+
+@runtime_checkable
+class WriteBehind(Protocol):
+    """A store that can queue what every message writes (the lease of a first delivery, the
+    done record) without the caller waiting: an embedded one whose writes land within the
+    event-loop turn's batch."""
+
+    def queue_begin(self, key: str, token: str, lease: float) -> None: ...
+
+    def queue_complete(self, key: str, token: str, retention: float) -> None: ...
 
 
 # -- who holds a lease -----------------------------------------------------------------------
@@ -172,8 +194,15 @@ class SQLiteLeaseStore:
         self.description = f"sqlite:{path}"
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._flush: asyncio.Handle | None = None
+        self._pending: list[
+            tuple[
+                str | Callable[[sqlite3.Connection], Any],
+                tuple[Any, ...],
+                asyncio.Future[Any] | None,
+            ]
+        ] = []
+        self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._flush_later = False
         self._host = socket.gethostname()
         self._lock = threading.Lock()
 
@@ -195,7 +224,9 @@ class SQLiteLeaseStore:
             " key TEXT PRIMARY KEY, state TEXT NOT NULL, token TEXT NOT NULL,"
             " owner TEXT NOT NULL, expires REAL NOT NULL, updated REAL NOT NULL)"
         )
-        db.execute("CREATE INDEX IF NOT EXISTS leases_expires ON leases (state, expires)")
+        # No index beside the key: every message writes its row twice, and the hourly prune
+        # can afford a scan.
+        db.execute("DROP INDEX IF EXISTS leases_expires")
         self._db = db
 
     async def close(self) -> None:
@@ -214,13 +245,49 @@ class SQLiteLeaseStore:
 
     # -- batching: every operation of a loop turn in one transaction
 
-    def _submit(self, operation: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
+    def _submit(
+        self, operation: str | Callable[[sqlite3.Connection], Any], args: tuple[Any, ...] = ()
+    ) -> asyncio.Future[Any]:
+        """Queue ``operation`` for this loop turn's transaction: :data:`_BEGIN` or
+        :data:`_COMPLETE` (run once for it and its neighbours of the same kind, ``args`` the
+        row with times relative to now) or a function of the connection."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((operation, future))
-        if self._flush is None:
-            self._flush = loop.call_soon(self._run_pending)
+        self._queue(operation, args, future, loop)
         return future
+
+    def _queue(
+        self,
+        operation: str | Callable[[sqlite3.Connection], Any],
+        args: tuple[Any, ...],
+        future: asyncio.Future[Any] | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._pending.append((operation, args, future))
+        if future is not None:
+            if self._flush is not None and self._flush_later:
+                self._flush.cancel()
+                self._flush = None
+            if self._flush is None:
+                self._flush_later = False
+                self._flush = (loop or asyncio.get_running_loop()).call_soon(self._run_pending)
+        elif self._flush is None:
+            # Nobody waits for a write behind: gather a few milliseconds of them into one
+            # transaction (a commit per turn would cost more than the rows).
+            self._flush_later = True
+            self._flush = (loop or asyncio.get_running_loop()).call_later(
+                _WRITE_BEHIND_DELAY, self._run_pending
+            )
+
+    # -- write-behind: what every message writes, queued and not waited for
+
+    def queue_begin(self, key: str, token: str, lease: float) -> None:
+        """:meth:`begin`, written with this loop turn's batch; a failure is logged."""
+        self._queue(_BEGIN, (key, token, token.rpartition("/")[0], lease), None)
+
+    def queue_complete(self, key: str, token: str, retention: float) -> None:
+        """:meth:`complete`, written with this loop turn's batch; a failure is logged."""
+        self._queue(_COMPLETE, (key, token, retention), None)
 
     def _run_pending(self) -> None:
         self._flush = None
@@ -229,11 +296,9 @@ class SQLiteLeaseStore:
             return
         loop = asyncio.get_running_loop()
         if self._executor is None:
-            for _operation, future in batch:
-                if not future.done():
-                    future.set_exception(RuntimeError("the lease store is closed"))
+            _settle_all(batch, [(False, RuntimeError("the lease store is closed"))] * len(batch))
             return
-        done = self._executor.submit(self._transaction, [op for op, _ in batch])
+        done = self._executor.submit(self._transaction, [(op, args) for op, args, _ in batch])
 
         def deliver(_: object) -> None:
             try:
@@ -247,28 +312,57 @@ class SQLiteLeaseStore:
         done.add_done_callback(deliver)
 
     def _transaction(
-        self, operations: list[Callable[[sqlite3.Connection], Any]]
+        self, operations: list[tuple[str | Callable[[sqlite3.Connection], Any], tuple[Any, ...]]]
     ) -> list[tuple[bool, Any]]:
+        """Run a batch in one transaction; if it fails, each operation in its own, so that
+        one bad operation fails alone."""
         db = self._db
         if db is None:
             raise RuntimeError("the lease store is not open")
-        results: list[tuple[bool, Any]] = []
         with self._lock:
-            db.execute("BEGIN IMMEDIATE")
             try:
-                for operation in operations:
-                    db.execute("SAVEPOINT op")
-                    try:
-                        results.append((True, operation(db)))
-                    except sqlite3.Error as exc:
-                        db.execute("ROLLBACK TO op")
-                        results.append((False, exc))
-                    db.execute("RELEASE op")
-                db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise
+                return self._in_transaction(db, operations)
+            except sqlite3.Error:
+                if len(operations) == 1:
+                    raise
+            results: list[tuple[bool, Any]] = []
+            for operation in operations:
+                try:
+                    results += self._in_transaction(db, [operation])
+                except sqlite3.Error as exc:
+                    results.append((False, exc))
+            return results
+
+    @staticmethod
+    def _in_transaction(
+        db: sqlite3.Connection,
+        operations: list[tuple[str | Callable[[sqlite3.Connection], Any], tuple[Any, ...]]],
+    ) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            now = time.time()
+            index = 0
+            while index < len(operations):
+                operation, _args = operations[index]
+                if isinstance(operation, str):
+                    # A run of the same statement: one executemany.
+                    end = index
+                    while end < len(operations) and operations[end][0] == operation:
+                        end += 1
+                    db.execute(
+                        operation, (now, json.dumps([a for _, a in operations[index:end]]))
+                    )
+                    results += [(True, None)] * (end - index)
+                    index = end
+                else:
+                    results.append((True, operation(db)))
+                    index += 1
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
         return results
 
     # -- the operations
@@ -323,17 +417,13 @@ class SQLiteLeaseStore:
 
         await self._submit(renew)
 
-    async def complete(self, key: str, token: str, retention: float) -> None:
-        def complete(db: sqlite3.Connection) -> None:
-            now = time.time()
-            # Done even if another run took the lease over meanwhile: this one completed.
-            db.execute(
-                "INSERT OR REPLACE INTO leases (key, state, token, owner, expires, updated)"
-                " VALUES (?, 'done', ?, '', ?, ?)",
-                (key, token, now + retention, now),
-            )
+    async def begin(self, key: str, token: str, lease: float) -> None:
+        owner = token.rpartition("/")[0]
+        await self._submit(_BEGIN, (key, token, owner, lease))
 
-        await self._submit(complete)
+    async def complete(self, key: str, token: str, retention: float) -> None:
+        # Done even if another run took the lease over meanwhile: this one completed.
+        await self._submit(_COMPLETE, (key, token, retention))
 
     async def release(self, key: str, token: str) -> None:
         await self._submit(
@@ -376,14 +466,54 @@ class SQLiteLeaseStore:
         return result
 
 
+#: How long writes nobody waits for may gather before their transaction.
+_WRITE_BEHIND_DELAY = 0.005
+
+# The statements every message runs: a batch of them is one statement over a JSON array of
+# the operations' arguments (?2), at the transaction's clock (?1). One step per batch, so the
+# store's thread takes the interpreter's lock twice per batch, not twice per row.
+_BEGIN = (
+    "INSERT INTO leases (key, state, token, owner, expires, updated)"
+    " SELECT j.value ->> 0, 'running', j.value ->> 1, j.value ->> 2, ?1 + (j.value ->> 3), ?1"
+    " FROM json_each(?2) AS j WHERE true"
+    " ON CONFLICT (key) DO UPDATE SET state = 'running', token = excluded.token,"
+    " owner = excluded.owner, expires = excluded.expires, updated = excluded.updated"
+    " WHERE leases.state = 'resolved'"
+    " OR (leases.state = 'running' AND leases.expires < excluded.updated)"
+)
+_COMPLETE = (
+    "INSERT INTO leases (key, state, token, owner, expires, updated)"
+    " SELECT j.value ->> 0, 'done', j.value ->> 1, '', ?1 + (j.value ->> 2), ?1"
+    " FROM json_each(?2) AS j WHERE true"
+    " ON CONFLICT (key) DO UPDATE SET state = 'done', token = excluded.token, owner = '',"
+    " expires = excluded.expires, updated = excluded.updated"
+)
+
+
 def _settle_all(
-    batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    batch: list[
+        tuple[
+            str | Callable[[sqlite3.Connection], Any], tuple[Any, ...], asyncio.Future[Any] | None
+        ]
+    ],
     outcomes: list[tuple[bool, Any]],
 ) -> None:
-    for (_operation, future), (ok, value) in zip(batch, outcomes, strict=True):
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    failed_behind: list[BaseException] = []
+    for (_operation, _args, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if future is None:
+            if not ok:
+                failed_behind.append(value)
+        elif not future.done():
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+    if failed_behind:
+        error = failed_behind[-1]
+        log.error(  # one line: the records are an optimisation of at-least-once, not a must
+            "could not write %d lease record(s) (%s: %s); those messages may run again if "
+            "they come back",
+            len(failed_behind),
+            type(error).__name__,
+            error,
+        )

@@ -197,6 +197,10 @@ class RedisLeaseStore:
                 continue
             return Acquired(verdict, holder if verdict is Verdict.RUNNING else None)
 
+    async def begin(self, key: str, token: str, lease: float) -> None:
+        # One round trip either way: the verdict is simply not needed (a first delivery).
+        await self.acquire(key, token, lease)
+
     async def renew(self, leases: Sequence[tuple[str, str]], lease: float) -> None:
         if not leases:
             return
