@@ -310,3 +310,32 @@ async def test_a_job_whose_worker_is_killed_after_its_hand_off_is_finished_by_an
         f"done render pid={second.pid}"
     ]
     assert second.returncode == 0, (tmp_path / "stderr.log").read_text()
+
+
+@pytest.mark.slow
+async def test_a_long_job_without_a_message_id_is_handed_off_and_runs_once(
+    private_node: BrokerNode, private_admin: Admin, queue_name: str, node_settings: MakeSettings
+) -> None:
+    """No message_id, no deduplication: the run still gets a lease of its own when it is
+    handed off, and its marker, back after the run, is dropped instead of running it again."""
+    private_admin.declare(queue_name)
+    settled = Settled()
+    runs: list[bool] = []
+    app = App(middleware=[settled])
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        runs.append(message.redelivered)
+        await asyncio.sleep(8)
+
+    async with Worker(app, node_settings(consumer_timeout=5, lease=2)) as worker:
+        await private_admin.run(private_admin.publish, queue_name, [b"no id"])
+        await settled.wait_for(1, within=30)
+        assert worker.stats.handed_off >= 1
+        markers = worker.stats.markers
+        await eventually(
+            lambda: worker.stats.markers > markers, within=15, what="the last marker dropped"
+        )
+        assert worker.stats.channel_recoveries == 0
+    assert runs == [False]
+    assert private_admin.counts(queue_name) == (0, 0)

@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
@@ -134,6 +134,8 @@ class Leases(Middleware):
         # (oldest first): a copy that comes back to this process needs no store round trip.
         self._running: dict[str, str] = {}
         self._done: dict[str, None] = {}
+        # Runs without a key that were handed off: the keeper ends their leases.
+        self._unkeyed: dict[Message, tuple[str, str]] = {}
         self._keeper: asyncio.Task[None] | None = None
         self._store_failures = 0
         self._tick = lease / 3
@@ -172,7 +174,11 @@ class Leases(Middleware):
 
     # -- each message
 
-    async def around_handler(self, message: Message, call_next: CallNext) -> Any:
+    # A plain function, not a coroutine: a message without a key goes straight to the handler,
+    # with no frame of this middleware around it (the hot path of most workloads).
+    def around_handler(  # type: ignore[override]
+        self, message: Message, call_next: CallNext
+    ) -> Awaitable[Any]:
         headers = wire_headers(message)
         marker = headers.get(_headers.LEASE_TOKEN) if headers else None
         if marker is not None:
@@ -183,9 +189,15 @@ class Leases(Middleware):
             key = custom(message) if custom is not None else default_key(message, self._vhost)
         else:
             key = None
-        if key is not None and not await self._admit(message, key, marker):
+        if key is None:
+            return call_next(message)
+        return self._run_keyed(message, key, marker, call_next)
+
+    async def _run_keyed(
+        self, message: Message, key: str, marker: str | None, call_next: CallNext
+    ) -> Any:
+        if not await self._admit(message, key, marker):
             return None
-        # The handler runs; it settles the lease it holds (taken now or at a hand-off).
         try:
             result = await call_next(message)
         except BaseException as error:
@@ -333,9 +345,11 @@ class Leases(Middleware):
             now = monotonic()
             held: list[tuple[str, str]] = []
             due: list[tuple[LeaseHolder, Message]] = []
+            running: set[Message] = set()
             for consumer in self._consumers.values():
                 after = consumer.handoff_after
                 for message in consumer.running_messages():
+                    running.add(message)
                     if message.lease is not None:
                         held.append(message.lease)
                     due_now = after is not None and now - message.received_at >= after
@@ -345,6 +359,7 @@ class Leases(Middleware):
                 await self._store.renew(held, self._lease)
             except Exception as exc:  # noqa: BLE001
                 self._store_failed("renew the leases of", f"{len(held)} runs", exc)
+            await self._finish_unkeyed(running)
             if due:
                 await asyncio.gather(*(self._hand_off(c, m) for c, m in due))
             if now - pruned_at >= _PRUNE_EVERY:
@@ -356,6 +371,19 @@ class Leases(Middleware):
                 else:
                     log.debug("pruned %d lease record(s)", pruned)
 
+    async def _finish_unkeyed(self, running: set[Message]) -> None:
+        """The runs without a key that were handed off and have ended since the last tick:
+        their marker is to be dropped, whatever the outcome (a failure's copy stands for it).
+        They run with no frame of this middleware around them, so the keeper ends them."""
+        ended = [m for m in self._unkeyed if m not in running]
+        for message in ended:
+            key, token = self._unkeyed.pop(message)
+            message.lease = None
+            try:
+                await self._store.complete(key, token, self._retention)
+            except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+                self._store_failed("record the end of", message, exc)
+
     async def _hand_off(self, consumer: LeaseHolder, message: Message) -> None:
         try:
             if message.lease is None:
@@ -363,6 +391,7 @@ class Leases(Middleware):
                 key = f"handoff/{token}"
                 await self._store.acquire(key, token, self._lease)
                 message.lease = (key, token)
+                self._unkeyed[message] = message.lease
             key, token = message.lease
             if await consumer.hand_off(
                 message, {_headers.LEASE_KEY: key, _headers.LEASE_TOKEN: token}, self._lease
