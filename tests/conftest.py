@@ -136,6 +136,23 @@ def make_settings(tmp_path: Path) -> MakeSettings:
 
 
 @pytest.fixture
+def named_settings(make_settings: MakeSettings) -> MakeSettings:
+    """``make_settings`` with a worker name of its own (a test finds the worker's connections
+    on the broker by it) and reconnects from 0.2 s up to 1 s."""
+
+    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "name": f"sr-test-{uuid.uuid4().hex[:8]}",
+            "reconnect_delay": 0.2,
+            "reconnect_delay_max": 1.0,
+        }
+        values.update(overrides)
+        return make_settings(url, **values)
+
+    return make
+
+
+@pytest.fixture
 def metrics_settings(make_settings: MakeSettings) -> MakeSettings:
     """``make_settings`` with the metrics endpoint on a free port."""
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-import uuid
 from pathlib import Path
-from typing import Any
 
 import pika
 import pytest
 
-from steadyrabbit import App, ConfigurationError, Message, RetryPolicy, Settings, Worker
+from steadyrabbit import App, ConfigurationError, Message, RetryPolicy, Worker
 from steadyrabbit._headers import REASON
 from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, MakeSettings, eventually
@@ -35,23 +33,6 @@ async def reset_consume_connection(worker: Worker) -> None:
 
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def crash_settings(make_settings: MakeSettings) -> MakeSettings:
-    """``make_settings`` with a worker name of its own (``reset_consume_connection`` finds the
-    connection by it) and reconnects from 0.2 s up to 1 s."""
-
-    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "name": f"sr-crash-{uuid.uuid4().hex[:8]}",
-            "reconnect_delay": 0.2,
-            "reconnect_delay_max": 1.0,
-        }
-        values.update(overrides)
-        return make_settings(url, **values)
-
-    return make
 
 
 def test_a_process_killer_does_not_take_its_neighbours_into_the_dead_letter_queue(
@@ -84,7 +65,7 @@ def test_a_process_killer_does_not_take_its_neighbours_into_the_dead_letter_queu
 @pytest.mark.slow
 @pytest.mark.private_node
 async def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
-    private_node: BrokerNode, private_admin: Admin, tmp_path: Path, crash_settings: MakeSettings
+    private_node: BrokerNode, private_admin: Admin, tmp_path: Path, named_settings: MakeSettings
 ) -> None:
     """Issue 8.13: a 7 s job under consumer_timeout 5 s finishes, but the broker closed the
     channel first and the ack is dropped. It ran again and again and was dead-lettered as a
@@ -102,7 +83,7 @@ async def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
         completions.append(message.redelivered)
 
     try:
-        async with Worker(app, crash_settings(private_node.url, heartbeat=5)) as worker:
+        async with Worker(app, named_settings(private_node.url, heartbeat=5)) as worker:
             await eventually(lambda: len(completions) >= 3, within=90, what="three completions")
             await worker.stop(grace_period=0)
         assert worker.stats.dead_lettered == 0
@@ -115,7 +96,7 @@ async def test_a_finished_handler_whose_ack_was_dropped_is_not_a_crash(
 @pytest.mark.slow
 @pytest.mark.private_node
 async def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_queue(
-    private_node: BrokerNode, private_admin: Admin, tmp_path: Path, crash_settings: MakeSettings
+    private_node: BrokerNode, private_admin: Admin, tmp_path: Path, named_settings: MakeSettings
 ) -> None:
     """Issue 8.3: an async handler sleeps 6 s without awaiting, heartbeat 1 s: the broker drops
     the connection, the message comes back. It looped forever and each run counted as a
@@ -140,7 +121,7 @@ async def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_que
         others.append(message.body)
 
     try:
-        async with Worker(app, crash_settings(private_node.url, heartbeat=1)) as worker:
+        async with Worker(app, named_settings(private_node.url, heartbeat=1)) as worker:
             await eventually(
                 lambda: worker.stats.dead_lettered == 1, within=90, what="the dead letter"
             )
@@ -157,7 +138,7 @@ async def test_an_async_handler_that_blocks_the_loop_ends_in_the_dead_letter_que
 
 
 async def test_requeues_of_unstarted_messages_are_not_crashes_on_a_quorum_queue(
-    queue_name: str, admin: Admin, tmp_path: Path, crash_settings: MakeSettings
+    queue_name: str, admin: Admin, tmp_path: Path, named_settings: MakeSettings
 ) -> None:
     """Issue 8.10: x-delivery-count also counts requeues of messages that never started
     (shutdown, aged prefetch): six of them made the next delivery a "crash loop" without a
@@ -177,14 +158,14 @@ async def test_requeues_of_unstarted_messages_are_not_crashes_on_a_quorum_queue(
     async def handle(message: Message) -> None:
         handled.append(message.body)
 
-    async with Worker(app, crash_settings()) as worker:
+    async with Worker(app, named_settings()) as worker:
         await eventually(lambda: worker.stats.acked == 1, what="the ack")
     assert handled == [b"requeued six times"]
     assert worker.stats.dead_lettered == 0
 
 
 async def test_distinct_messages_with_the_same_body_are_not_one_crash_loop(
-    queue_name: str, admin: Admin, tmp_path: Path, crash_settings: MakeSettings
+    queue_name: str, admin: Admin, tmp_path: Path, named_settings: MakeSettings
 ) -> None:
     """Issue 8.11: without a message_id, six distinct messages with the same body, redelivered
     after one connection reset, were dead-lettered as a crash loop. Now all six are handled."""
@@ -199,7 +180,7 @@ async def test_distinct_messages_with_the_same_body_are_not_one_crash_loop(
             await release.wait()  # in flight when the connection is reset
         handled.append(message.redelivered)
 
-    async with Worker(app, crash_settings()) as worker:
+    async with Worker(app, named_settings()) as worker:
         await admin.run(admin.publish, queue_name, [b"same body"] * 6)
         await eventually(lambda: worker.in_flight == 6, what="six in flight")
         await reset_consume_connection(worker)
@@ -211,7 +192,7 @@ async def test_distinct_messages_with_the_same_body_are_not_one_crash_loop(
 
 
 async def test_an_unusable_state_directory_stops_the_worker_in_one_sentence(
-    queue_name: str, tmp_path: Path, crash_settings: MakeSettings
+    queue_name: str, tmp_path: Path, named_settings: MakeSettings
 ) -> None:
     """Issue 8.4: a state directory that cannot hold the crash log was found out only by the
     first redelivered message. Now the worker refuses to start, naming the directory."""
@@ -221,7 +202,7 @@ async def test_an_unusable_state_directory_stops_the_worker_in_one_sentence(
     app.add_consumer(lambda message: None, queue_name)
 
     with pytest.raises(ConfigurationError) as caught:
-        await Worker(app, crash_settings(state_dir=blocker / "state")).start()
+        await Worker(app, named_settings(state_dir=blocker / "state")).start()
     assert str(blocker / "state") in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -231,7 +212,7 @@ async def test_a_failing_crash_log_is_logged_and_the_message_still_handled(
     admin: Admin,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    crash_settings: MakeSettings,
+    named_settings: MakeSettings,
 ) -> None:
     """Issue 8.4: while running, a crash-log error (here: the database locked by another
     process past the busy timeout) escaped and left the message unacked until
@@ -247,7 +228,7 @@ async def test_a_failing_crash_log_is_logged_and_the_message_still_handled(
             await release.wait()
         handled.append(message.redelivered)
 
-    async with Worker(app, crash_settings()) as worker:
+    async with Worker(app, named_settings()) as worker:
         await admin.run(admin.publish, queue_name, [b"redelivered"])
         await eventually(lambda: worker.in_flight == 1, what="the first start")
         lock = sqlite3.connect(tmp_path / "state" / "deliveries.sqlite3", timeout=1)

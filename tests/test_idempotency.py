@@ -13,9 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
-from typing import Any
 
 import pika
 import pika.exceptions
@@ -28,23 +26,6 @@ from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def named_settings(make_settings: MakeSettings) -> MakeSettings:
-    """``make_settings`` with a worker name of its own (to find its connection) and fast
-    reconnects."""
-
-    def make(url: str = MAIN_URL, **overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "name": f"sr-idem-{uuid.uuid4().hex[:8]}",
-            "reconnect_delay": 0.2,
-            "reconnect_delay_max": 1.0,
-        }
-        values.update(overrides)
-        return make_settings(url, **values)
-
-    return make
 
 
 def with_id(message_id: str) -> pika.BasicProperties:
