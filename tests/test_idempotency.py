@@ -19,7 +19,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from steadyrabbit import App, Message, RetryPolicy, Settings, Worker
+from steadyrabbit import App, Message, Middleware, Publish, RetryPolicy, Settings, Worker
+from steadyrabbit._middleware import PublishNext
 from tests._broker import BrokerNode, close_main_broker_connections
 from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
 
@@ -320,3 +321,34 @@ async def test_a_long_job_without_a_message_id_is_handed_off_and_runs_once(
         assert worker.stats.channel_recoveries == 0
     assert runs == [False]
     assert private_admin.counts(queue_name) == (0, 0)
+
+
+class SlowCopies(Middleware):
+    """Holds every copy steadyrabbit publishes (a marker here) for a second."""
+
+    async def around_publish(self, publish: Publish, call_next: PublishNext) -> None:
+        await asyncio.sleep(1)
+        await call_next(publish)
+
+
+async def test_a_run_that_ends_while_its_marker_is_published_is_acked_once(
+    queue_name: str, admin: Admin, named_settings: MakeSettings
+) -> None:
+    """The hand-off starts at 60 % of consumer_timeout (1.2 s here), its marker takes a second
+    to publish, the run ends at 1.5 s and is acked: the hand-off must not ack it again (a tag
+    acked twice closes the channel with 406 unknown delivery tag)."""
+    admin.declare(queue_name)
+    settled = Settled()
+    app = App(middleware=[settled, SlowCopies()])
+
+    @app.consumer(queue_name)
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(1.5)
+
+    async with Worker(app, named_settings(consumer_timeout=2, lease=1)) as worker:
+        await admin.run(admin.publish, queue_name, [b"ends mid hand-off"])
+        await settled.wait_for(1)
+        await asyncio.sleep(1.5)  # the marker's publish returns meanwhile
+        assert worker.stats.handed_off == 0
+        assert worker.stats.channel_recoveries == 0
+        assert worker.stats.succeeded == 1

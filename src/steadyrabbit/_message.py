@@ -43,6 +43,7 @@ class Message:
         "payload",
         "queue",
         "received_at",
+        "settled",
     )
 
     def __init__(
@@ -68,6 +69,8 @@ class Message:
         #: True once the delivery was acked early, a marker copy standing for the run (a
         #: hand-off): nothing acks it again, and a failure's copy is published without an ack.
         self.handed_off = False
+        #: True once acked or nacked: a delivery is settled once, never twice.
+        self.settled = False
 
     @property
     def delivery_tag(self) -> int:
@@ -103,9 +106,9 @@ class Message:
 
     @property
     def settleable(self) -> bool:
-        """Whether the message can still be acked: not yet handed off, and the channel that
-        delivered it still open (after that, the broker has requeued it)."""
-        return not self.handed_off and not self._channel.closed.done()
+        """Whether the message can still be acked: not settled yet (a hand-off settles it), and
+        the channel that delivered it still open (after that, the broker has requeued it)."""
+        return not self.settled and not self._channel.closed.done()
 
     @property
     def headers(self) -> dict[str, Any]:

@@ -110,8 +110,11 @@ class Settlement:
         Delivery tags belong to their channel: after that channel closed, the broker has
         requeued the delivery, and the same tag on another channel would ack another message.
         """
-        if message.handed_off:
-            return True  # acked when it was handed off; its marker stands for the run
+        if message.settled:
+            # Settled once already: acked when it was handed off (its marker stands for the
+            # run), or by its run while the hand-off was publishing. A tag settled twice
+            # closes the channel (406 unknown delivery tag).
+            return True
         channel = delivery_channel(message)
         if not channel.closed.done():  # the cheapest liveness test: a C call
             try:
@@ -123,6 +126,7 @@ class Settlement:
             except ConnectionLostError:
                 pass  # the channel died under us: the same as finding it closed
             else:
+                message.settled = True
                 return True
         self._stats.stale_settlements_dropped += 1
         log.info(
@@ -166,7 +170,7 @@ class Settlement:
         runs for it, and nothing acks it again. False if the delivering channel is gone (the
         broker redelivers the message; the lease makes that copy wait for this run).
         """
-        if message.handed_off or not delivery_channel(message).is_open:
+        if message.settled or not delivery_channel(message).is_open:
             return message.handed_off
         headers = _headers.for_marker(wire_headers(message))
         headers.update(
@@ -183,6 +187,8 @@ class Settlement:
             await self._publish_through_middleware(target, message, properties)
         else:
             await self._publisher.publish_to_queue(target, message.body, properties)
+        if message.settled:
+            return False  # its run ended and settled it while the marker was published
         if not self.settle(message, ack=True):
             return False
         message.handed_off = True
