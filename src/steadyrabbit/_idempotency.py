@@ -93,12 +93,9 @@ def default_key(message: Message, vhost: str) -> str | None:
     message_id = message.message_id
     if not message_id:
         return None
-    digest = hashlib.sha256()
-    for part in (vhost, message.queue, message_id):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    digest.update(message.body)
-    return digest.hexdigest()[:32]  # 128 bits: short rows, and no collision in sight
+    parts = (vhost.encode(), message.queue.encode(), message_id.encode(), message.body)
+    # 128 bits: short rows, and no collision in sight.
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:32]
 
 
 class Leases(Middleware):
@@ -196,7 +193,22 @@ class Leases(Middleware):
     async def _run_keyed(
         self, message: Message, key: str, marker: str | None, call_next: CallNext
     ) -> Any:
-        if not await self._admit(message, key, marker):
+        behind = self._behind
+        if (
+            behind is not None
+            and marker is None
+            and not message.redelivered
+            and key not in self._running
+            and key not in self._done
+        ):
+            # The common case, with no wait: a first delivery this worker has not seen run
+            # or complete. The broker says no earlier run of it exists, so its lease is
+            # written behind it, without reading the record first.
+            token = next(self._tokens)
+            behind.queue_begin(key, token, self._lease)
+            message.lease = (key, token)
+            self._running[key] = token
+        elif not await self._admit(message, key, marker):
             return None
         try:
             result = await call_next(message)
@@ -204,8 +216,13 @@ class Leases(Middleware):
             if message.lease is not None:
                 await self._finish(message, error)
             raise
-        if message.lease is not None:
-            await self._finish(message, None)
+        lease = message.lease
+        if lease is not None:
+            if behind is not None:
+                self._completed(message, lease)
+                behind.queue_complete(*lease, self._retention)
+            else:
+                await self._finish(message, None)
         return result
 
     async def _admit(self, message: Message, key: str, marker: str | None) -> bool:
@@ -272,21 +289,33 @@ class Leases(Middleware):
             return _REDELAY
         return None
 
+    def _completed(self, message: Message, lease: tuple[str, str]) -> None:
+        """The run holding ``lease`` completed: remember it, and wake a copy waiting for it."""
+        key, token = lease
+        done = self._done
+        done[key] = None
+        if len(done) > _REMEMBERED_DONE:
+            del done[next(iter(done))]
+        self._ended(message, key, token)
+
+    def _ended(self, message: Message, key: str, token: str) -> None:
+        message.lease = None
+        if self._running.get(key) == token:
+            del self._running[key]
+        run = self._runs.pop(key, None)
+        if run is not None and not run.done():
+            run.set_result(None)
+
     async def _finish(self, message: Message, error: BaseException | None) -> None:
         lease = message.lease
         assert lease is not None
         key, token = lease
         try:
             if error is None:
-                if self._behind is not None:
-                    self._behind.queue_complete(key, token, self._retention)
-                else:
-                    await self._store.complete(key, token, self._retention)
-                done = self._done
-                done[key] = None
-                if len(done) > _REMEMBERED_DONE:
-                    del done[next(iter(done))]
-            elif message.handed_off and isinstance(error, Exception):
+                await self._store.complete(key, token, self._retention)
+                self._completed(message, lease)
+                return
+            if message.handed_off and isinstance(error, Exception):
                 # The outcome goes to a retry or dead-letter copy: drop the marker.
                 await self._store.resolve(key, token, self._retention)
             else:
@@ -294,12 +323,8 @@ class Leases(Middleware):
         except Exception as exc:  # noqa: BLE001 - logged; the lease expires by itself
             self._store_failed("record the end of", message, exc)
         finally:
-            message.lease = None
-            if self._running.get(key) == token:
-                del self._running[key]
-            run = self._runs.pop(key, None)
-            if run is not None and not run.done():
-                run.set_result(None)
+            if message.lease is not None:
+                self._ended(message, key, token)
 
     async def _wait_for(self, key: str, holder: str, message: Message) -> bool:
         """Wait until the run holding ``key`` ends; False if this delivery ran out of time

@@ -203,6 +203,9 @@ class SQLiteLeaseStore:
         ] = []
         self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
         self._flush_later = False
+        # The pending batch's lease writes by key (their index in it), so that a run that
+        # ends before the batch is written costs one row, not two.
+        self._unwritten_begins: dict[str, int] = {}
         self._host = socket.gethostname()
         self._lock = threading.Lock()
 
@@ -282,16 +285,25 @@ class SQLiteLeaseStore:
     # -- write-behind: what every message writes, queued and not waited for
 
     def queue_begin(self, key: str, token: str, lease: float) -> None:
-        """:meth:`begin`, written with this loop turn's batch; a failure is logged."""
+        """:meth:`begin`, written with the next batch; a failure is logged."""
+        self._unwritten_begins[key] = len(self._pending)
         self._queue(_BEGIN, (key, token, token.rpartition("/")[0], lease), None)
 
     def queue_complete(self, key: str, token: str, retention: float) -> None:
-        """:meth:`complete`, written with this loop turn's batch; a failure is logged."""
+        """:meth:`complete`, written with the next batch; a failure is logged. A run that
+        ends before its lease was written needs only its done record: the lease is dropped
+        (nobody could have read it yet)."""
+        begun = self._unwritten_begins.pop(key, None)
+        if begun is not None:
+            _operation, args, future = self._pending[begun]
+            if args[:2] == (key, token):
+                self._pending[begun] = (_SKIP, args, future)
         self._queue(_COMPLETE, (key, token, retention), None)
 
     def _run_pending(self) -> None:
         self._flush = None
         batch, self._pending = self._pending, []
+        self._unwritten_begins.clear()
         if not batch:
             return
         loop = asyncio.get_running_loop()
@@ -342,22 +354,26 @@ class SQLiteLeaseStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             now = time.time()
-            index = 0
-            while index < len(operations):
-                operation, _args = operations[index]
+            # The rows every message writes, one statement per kind for all of them, until an
+            # operation of another kind (a lease taken with a read, a release...) needs them
+            # written first; leases before done records, as they were queued.
+            rows: dict[str, list[tuple[Any, ...]]] = {_BEGIN: [], _COMPLETE: []}
+
+            def write_rows() -> None:
+                for statement, queued in rows.items():
+                    if queued:
+                        db.execute(statement, (now, json.dumps(queued)))
+                        queued.clear()
+
+            for operation, args in operations:
                 if isinstance(operation, str):
-                    # A run of the same statement: one executemany.
-                    end = index
-                    while end < len(operations) and operations[end][0] == operation:
-                        end += 1
-                    db.execute(
-                        operation, (now, json.dumps([a for _, a in operations[index:end]]))
-                    )
-                    results += [(True, None)] * (end - index)
-                    index = end
+                    if operation is not _SKIP:
+                        rows[operation].append(args)
+                    results.append((True, None))
                 else:
+                    write_rows()
                     results.append((True, operation(db)))
-                    index += 1
+            write_rows()
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -466,6 +482,7 @@ class SQLiteLeaseStore:
         return result
 
 
+_SKIP = "-- a lease whose run ended before it was written"
 #: How long writes nobody waits for may gather before their transaction.
 _WRITE_BEHIND_DELAY = 0.005
 
