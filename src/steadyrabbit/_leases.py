@@ -484,7 +484,7 @@ class SQLiteLeaseStore:
 
 _SKIP = "-- a lease whose run ended before it was written"
 #: How long writes nobody waits for may gather before their transaction.
-_WRITE_BEHIND_DELAY = 0.005
+_WRITE_BEHIND_DELAY = 0.02
 
 # The statements every message runs: a batch of them is one statement over a JSON array of
 # the operations' arguments (?2), at the transaction's clock (?1). One step per batch, so the
