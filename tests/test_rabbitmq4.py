@@ -1,9 +1,10 @@
 """What depends on the broker's version, on a private RabbitMQ 4.0 node.
 
 The node comes from the shared script that unpacks Debian 13's packages without installing them
-(``../shared/rabbitmq4/start-node``, or ``$STEADYRABBIT_RABBITMQ4``); without the script these
-tests are skipped, saying so. Marked ``slow`` (.ci/run's second pass runs them) and
-``rabbitmq4`` (``./scripts/test -m rabbitmq4`` runs just them).
+(``shared/rabbitmq4/start-node`` beside the checkout or a folder above it, or
+``$STEADYRABBIT_RABBITMQ4``); without the script these tests are skipped, saying so. Marked
+``slow`` (.ci/run's second pass runs them) and ``rabbitmq4`` (``./scripts/test -m rabbitmq4``
+runs just them).
 """
 
 from __future__ import annotations
@@ -24,12 +25,21 @@ from tests.conftest import Admin, MakeSettings, Settled
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.rabbitmq4]
 
-SCRIPT = Path(
-    os.environ.get(
-        "STEADYRABBIT_RABBITMQ4",
-        Path(__file__).resolve().parents[2] / "shared" / "rabbitmq4" / "start-node",
-    )
-)
+def _script() -> Path:
+    """``$STEADYRABBIT_RABBITMQ4``, else ``shared/rabbitmq4/start-node`` beside the checkout
+    or beside any folder above it (a clean clone may sit deeper than the workplace's own)."""
+    given = os.environ.get("STEADYRABBIT_RABBITMQ4")
+    if given:
+        return Path(given)
+    root = Path(__file__).resolve().parents[1]
+    for folder in root.parents:
+        candidate = folder / "shared" / "rabbitmq4" / "start-node"
+        if candidate.exists():
+            return candidate
+    return root.parent / "shared" / "rabbitmq4" / "start-node"
+
+
+SCRIPT = _script()
 PORT = 5961
 
 
