@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -207,7 +206,6 @@ class SQLiteLeaseStore:
         # ends before the batch is written costs one row, not two.
         self._unwritten_begins: dict[str, int] = {}
         self._host = socket.gethostname()
-        self._lock = threading.Lock()
 
     # -- lifecycle
 
@@ -331,19 +329,19 @@ class SQLiteLeaseStore:
         db = self._db
         if db is None:
             raise RuntimeError("the lease store is not open")
-        with self._lock:
+        # One thread does every transaction (the executor has one worker): no lock needed.
+        try:
+            return self._in_transaction(db, operations)
+        except sqlite3.Error:
+            if len(operations) == 1:
+                raise
+        results: list[tuple[bool, Any]] = []
+        for operation in operations:
             try:
-                return self._in_transaction(db, operations)
-            except sqlite3.Error:
-                if len(operations) == 1:
-                    raise
-            results: list[tuple[bool, Any]] = []
-            for operation in operations:
-                try:
-                    results += self._in_transaction(db, [operation])
-                except sqlite3.Error as exc:
-                    results.append((False, exc))
-            return results
+                results += self._in_transaction(db, [operation])
+            except sqlite3.Error as exc:
+                results.append((False, exc))
+        return results
 
     @staticmethod
     def _in_transaction(
