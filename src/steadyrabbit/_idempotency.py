@@ -339,7 +339,10 @@ class Leases(Middleware):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(run), max(patience, 0))
             return run.done()
-        # A run of another process: its record is the only news of it.
+        # A run of another process: its record is the only news of it, so this polls (no
+        # event crosses processes or hosts). Each look asks the marker's question: REDELAY
+        # while that run lives. If it died, the look takes its lease over for 0 s, which the
+        # next turn of the caller's loop takes over again for real.
         deadline = monotonic() + patience
         while monotonic() < deadline:
             await asyncio.sleep(min(1.0, self._lease / 4, max(deadline - monotonic(), 0)))
