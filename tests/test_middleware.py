@@ -155,7 +155,7 @@ class Idempotent(Middleware):
 
 class Stamp(Middleware):
     async def around_publish(self, publish: Publish, call_next: PublishNext) -> None:
-        publish.headers["x-trace"] = f"copy to {publish.queue}"
+        publish.headers["x-trace"] = f"copy to {publish.routing_key}"
         await call_next(publish)
 
 

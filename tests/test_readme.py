@@ -1,33 +1,56 @@
-"""The README's middleware example, run as it is against the broker."""
+"""The README's examples, run as they are: against the broker where they talk to one."""
 
 from __future__ import annotations
 
 import re
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from steadyrabbit import App, Message, Outcome, Reject, Worker
+from steadyrabbit import App, BlockingPublisher, Message, Outcome, Reject, Worker
 from tests.conftest import Admin, MakeSettings, eventually
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def readme_example() -> dict[str, Any]:
+def readme_block(name: str) -> str:
     text = README.read_text()
-    match = re.search(r"<!-- README example: .*? -->\n```python\n(.*?)```", text, re.DOTALL)
-    assert match is not None, "the README's middleware example is gone"
+    match = re.search(
+        rf"<!-- README example {name}: .*? -->\n```python\n(.*?)```", text, re.DOTALL
+    )
+    assert match is not None, f"the README's {name} example is gone"
+    return match.group(1)
+
+
+def run_blocks(*names: str) -> dict[str, Any]:
     namespace: dict[str, Any] = {}
-    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    for name in names:
+        exec(compile(readme_block(name), "README.md", "exec"), namespace)
     return namespace
+
+
+@pytest.fixture
+def workers_module() -> Iterator[types.ModuleType]:
+    """``workers.py`` as the README builds it: "Write handlers", then "Publish"."""
+    module = types.ModuleType("workers")
+    exec(compile(readme_block("handlers"), "README.md", "exec"), module.__dict__)
+    exec(compile(readme_block("publishing"), "README.md", "exec"), module.__dict__)
+    sys.modules["workers"] = module
+    try:
+        yield module
+    finally:
+        del sys.modules["workers"]
 
 
 @pytest.mark.anyio
 async def test_the_readme_middleware_sees_every_messages_decision(
     queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
-    example = readme_example()
+    example = run_blocks("middleware")
     app: App = example["app"]
     audit = example["audit"]
     admin.declare(queue_name)
@@ -43,3 +66,48 @@ async def test_the_readme_middleware_sees_every_messages_decision(
     assert sorted(d.outcome.value for d in audit.decisions) == sorted(
         [Outcome.ACK.value, Outcome.ACK.value, Outcome.DEAD_LETTER.value]
     )
+
+
+def test_the_readme_stub_tests_pass(workers_module: types.ModuleType) -> None:
+    tests = run_blocks("stub")
+    names = [name for name in tests if name.startswith("test_")]
+    assert names == [
+        "test_a_contract_without_an_id_is_dead_lettered",
+        "test_an_order_is_priced_and_invoiced",
+    ]
+    for name in names:
+        tests[name]()
+
+
+@pytest.mark.anyio
+async def test_the_readme_publishing_example_on_the_broker(
+    workers_module: types.ModuleType, admin: Admin, make_settings: MakeSettings
+) -> None:
+    """Its names as they are: ``orders``, ``reminders``, the ``billing`` exchange."""
+    invoices = "readme-invoices"
+    with admin._connection() as connection:
+        channel = connection.channel()
+        channel.exchange_declare("billing", "topic", durable=True)
+        for queue in ("orders", "reminders", invoices):
+            channel.queue_declare(queue, durable=True)
+        channel.queue_bind(invoices, "billing", "invoice.*")
+    app = App()
+    app.add_consumer(workers_module.price, "orders", decode="json")
+    settings = make_settings()
+    try:
+        async with Worker(app, settings):
+            order_id = await workers_module.place_order(settings, "o-7")
+            assert order_id == "order-o-7"
+            await eventually(lambda: admin.counts(invoices)[0] == 1, what="the invoice")
+
+        def remind() -> str:
+            with BlockingPublisher(settings) as publisher:
+                return str(workers_module.remind_later(publisher, "o-7"))
+
+        assert await admin.run(remind)
+        (_, body), = admin.drain(invoices)
+        assert body == b'{"order":"o-7","total":6}'
+    finally:
+        reminder_delay = "steadyrabbit.delay.amq.default.3600000ms"
+        admin.delete("orders", "orders.dlq", "reminders", invoices, reminder_delay)
+        admin.delete_exchange("billing")

@@ -22,12 +22,15 @@ from ._errors import (
     ConnectionLostError,
     HandlerExit,
     MessageReturnedError,
+    PayloadError,
     PermanentBrokerError,
     PublishRefusedError,
+    PublishTimeoutError,
     Reject,
     Retry,
     SteadyRabbitError,
     TopologyConflictError,
+    UnroutableError,
 )
 from ._message import Message, Properties
 from ._middleware import Middleware, Publish
@@ -39,6 +42,7 @@ from ._ops.dlq import (
     purge_dead_letters,
     replay_dead_letters,
 )
+from ._publishing import BlockingPublisher, Publisher
 from ._retry import RetryPolicy
 from ._settings import Settings
 from ._stats import Stats
@@ -70,6 +74,7 @@ __all__ = [
     "AlertSettings",
     "App",
     "AuthenticationError",
+    "BlockingPublisher",
     "BrokerAddress",
     "BrokerUnreachableError",
     "ChannelClosedError",
@@ -85,11 +90,14 @@ __all__ = [
     "MessageReturnedError",
     "Middleware",
     "Outcome",
+    "PayloadError",
     "PermanentBrokerError",
     "PostgresInbox",
     "Properties",
     "Publish",
     "PublishRefusedError",
+    "PublishTimeoutError",
+    "Publisher",
     "Reject",
     "ReplayResult",
     "Retry",
@@ -98,6 +106,7 @@ __all__ = [
     "Stats",
     "SteadyRabbitError",
     "TopologyConflictError",
+    "UnroutableError",
     "Worker",
     "decide",
     "list_dead_letters",

@@ -264,6 +264,17 @@ class AmqpConnection:
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[SteadyRabbitError] = loop.create_future()
         self._channels: weakref.WeakSet[AmqpChannel] = weakref.WeakSet()
+        #: True while the broker blocks this connection's publishes (``connection.blocked``:
+        #: a memory or disk alarm); nothing it publishes is confirmed meanwhile.
+        self.blocked = False
+        raw.add_on_connection_blocked_callback(self._on_blocked)
+        raw.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def _on_blocked(self, _raw: Any, _frame: Any) -> None:
+        self.blocked = True
+
+    def _on_unblocked(self, _raw: Any, _frame: Any) -> None:
+        self.blocked = False
 
     @classmethod
     async def open(
@@ -381,7 +392,8 @@ class AmqpChannel:
         self.closed: asyncio.Future[SteadyRabbitError] = loop.create_future()
         self._pending: set[asyncio.Future[Any]] = set()
         self._confirms: dict[int, asyncio.Future[None]] = {}
-        self._returned: dict[str, asyncio.Future[None]] = {}
+        # Publishes waiting for their confirm, by what a basic.return names them by.
+        self._returned: dict[str, list[asyncio.Future[None]]] = {}
         self._publish_seq = 0
         self._publish_ids = itertools.count(1)
         # Ack coalescing. The consumer appends every delivery's tag to ``unsettled`` (in
@@ -408,8 +420,9 @@ class AmqpChannel:
         for future in (*self._pending, *self._confirms.values()):
             if not future.done():
                 future.set_exception(error)
-        for returned in self._returned.values():
-            returned.cancel()
+        for waiting in self._returned.values():
+            for returned in waiting:
+                returned.cancel()
         self._pending.clear()
         self._confirms.clear()
         self._returned.clear()
@@ -628,8 +641,19 @@ class AmqpChannel:
         _body: bytes,
     ) -> None:
         publish_id = (properties.headers or {}).get(PUBLISH_ID)
-        future = self._returned.pop(str(publish_id), None)
-        if future is not None and not future.done():
+        message_id = properties.message_id
+        if isinstance(message_id, bytes):
+            message_id = message_id.decode("utf-8", errors="replace")
+        key = "n:" + str(publish_id) if publish_id is not None else "id:" + str(message_id)
+        waiting = self._returned.get(key)
+        if not waiting:
+            return
+        # Copies with one message id in flight together are returned in the order they
+        # were published: the first one waiting is the one returned.
+        future = waiting.pop(0)
+        if not waiting:
+            del self._returned[key]
+        if not future.done():
             future.set_exception(
                 MessageReturnedError(method.reply_code or 0, str(method.reply_text))
             )
@@ -649,14 +673,19 @@ class AmqpChannel:
         """
         if self.closed.done():
             raise self.closed.result()
-        publish_id = str(next(self._publish_ids))
         wire = to_wire(properties)
-        wire.headers = {**properties.headers, PUBLISH_ID: publish_id}
+        if properties.message_id:
+            # A returned message is told by its id: nothing is added to what is published.
+            key = f"id:{properties.message_id}"
+        else:
+            publish_id = str(next(self._publish_ids))
+            key = f"n:{publish_id}"
+            wire.headers = {**properties.headers, PUBLISH_ID: publish_id}
         self._publish_seq += 1
         confirmed: asyncio.Future[None] = self._loop.create_future()
         returned: asyncio.Future[None] = self._loop.create_future()
         self._confirms[self._publish_seq] = confirmed
-        self._returned[publish_id] = returned
+        self._returned.setdefault(key, []).append(returned)
         try:
             self.raw.basic_publish(
                 exchange=exchange,
@@ -681,7 +710,11 @@ class AmqpChannel:
                 ) from exc
             raise
         finally:
-            self._returned.pop(publish_id, None)
+            waiting = self._returned.get(key)
+            if waiting and returned in waiting:
+                waiting.remove(returned)
+                if not waiting:
+                    del self._returned[key]
             if not returned.done():
                 returned.cancel()
 

@@ -39,7 +39,8 @@ from ._errors import (
 from ._gate import HANDOFF_SHARE, UNSTARTED_PATIENCE_SHARE, NotAdmitted, SoloGate
 from ._message import Message, delivery_channel, fingerprint, wire_headers
 from ._middleware import Hooks
-from ._publisher import Publisher
+from ._publisher import ConfirmedPublisher
+from ._publishing import BlockingPublisher, BrokerTransport, Publisher
 from ._settings import Settings
 from ._settle import Settlement
 from ._stats import QueueCounts, Stats
@@ -73,7 +74,7 @@ class Consumer:
         self,
         spec: HandlerSpec,
         supervisor: Supervisor,
-        publisher: Publisher,
+        publisher: ConfirmedPublisher,
         settings: Settings,
         stats: Stats,
         gate: SoloGate,
@@ -88,6 +89,10 @@ class Consumer:
         self.counts = QueueCounts()
         stats.queues.append(self.counts)
         self._hooks = hooks
+        # What a handler publishes goes out on the worker's publishing connection, through
+        # this consumer's around_publish middleware.
+        bound = Publisher.over(BrokerTransport(publisher), hooks)
+        self._publishers = (bound, BlockingPublisher.over(bound, asyncio.get_running_loop()))
         # The handler inside every around_handler middleware, composed once: with none, the
         # handler itself, and a message costs nothing more.
         self._handler = hooks.wrap_handler(spec.handler)
@@ -305,7 +310,7 @@ class Consumer:
     ) -> None:
         # Basic.Deliver always carries its tag; the stubs say Optional for every field.
         channel.unsettled.append(method.delivery_tag)  # type: ignore[arg-type]
-        message = Message(channel, method, properties, body, self._queue)
+        message = Message(channel, method, properties, body, self._queue, self._publishers)
         self.counts.delivered += 1
         if self._refusing:
             self._settlement.requeue(message)

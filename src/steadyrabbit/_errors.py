@@ -13,7 +13,13 @@ The tree::
     ├── StatusUnavailableError     a worker's metrics endpoint did not answer with its status
     ├── ConnectionLostError        transient: the connection broke; the supervisor reconnects
     ├── ChannelClosedError         the broker closed a channel (reply code and text attached)
-    ├── MessageReturnedError       a mandatory publish matched no queue (basic.return)
+    ├── UnroutableError            a publish could reach no queue: its exchange is missing,
+    │   │                          or no binding matched (mandatory)
+    │   └── MessageReturnedError   the broker returned it (basic.return); the channel stays open
+    ├── PublishTimeoutError        a publish was not confirmed in time (a memory or disk alarm
+    │                              blocks publishers; the broker is down); it may still arrive
+    ├── PayloadError               a body cannot be encoded to bytes (publishing) or decoded
+    │                              and validated (a typed handler parameter)
     ├── ClosedByUserError          you closed it; nothing is reconnected
     ├── HandlerExit                a handler raised SystemExit: a failure of its message
     ├── Reject                     control flow: a handler raises it to dead-letter the message
@@ -91,7 +97,13 @@ class ChannelClosedError(SteadyRabbitError):
         self.reply_text = reply_text
 
 
-class MessageReturnedError(SteadyRabbitError):
+class UnroutableError(SteadyRabbitError):
+    """A published message could reach no queue: its exchange does not exist, or (a mandatory
+    publish) no binding matched its routing key. Nothing was enqueued; sending it again the
+    same way would fail the same way."""
+
+
+class MessageReturnedError(UnroutableError):
     """A mandatory publish was returned (``basic.return``): no queue matched its routing key.
     The channel stays open."""
 
@@ -99,6 +111,19 @@ class MessageReturnedError(SteadyRabbitError):
         super().__init__(f"message returned by the broker: {reply_code} {reply_text}")
         self.reply_code = reply_code
         self.reply_text = reply_text
+
+
+class PublishTimeoutError(SteadyRabbitError):
+    """A publish was not confirmed within its timeout: the broker blocks publishers while a
+    memory or disk alarm lasts, or no broker was reachable. The message may still have been
+    enqueued (its confirm was not seen): send it again with the same ``message_id``, and an
+    idempotent consumer runs it once."""
+
+
+class PayloadError(SteadyRabbitError, TypeError):
+    """A body could not be encoded for publishing (not bytes, text, JSON-serialisable data, a
+    dataclass or a pydantic model), or a handler's typed parameter could not be decoded and
+    validated from a message's body."""
 
 
 def is_consumer_timeout(error: ChannelClosedError) -> bool:

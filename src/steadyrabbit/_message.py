@@ -10,10 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import _headers
 from ._amqp import from_wire
+from ._errors import ClosedByUserError
 from ._properties import Properties
 
 if TYPE_CHECKING:
     from ._amqp import AmqpChannel, Deliver, WireProperties
+    from ._outbound import AsyncPublishing, BlockingPublishing
+
+    Publishers = tuple[AsyncPublishing, BlockingPublishing]
 
 __all__ = [
     "Message",
@@ -36,6 +40,7 @@ class Message:
         "_channel",
         "_method",
         "_properties",
+        "_publishers",
         "blocked_loop",
         "body",
         "handed_off",
@@ -53,8 +58,10 @@ class Message:
         properties: WireProperties,
         body: bytes,
         queue: str,
+        publishers: Publishers | None = None,
     ) -> None:
         self._channel = channel
+        self._publishers = publishers
         self._method = method
         self._properties = properties
         self.body = body
@@ -125,6 +132,27 @@ class Message:
     @property
     def message_id(self) -> str | None:
         return self._properties.message_id
+
+    @property
+    def publisher(self) -> AsyncPublishing:
+        """Publish from an async handler: ``await message.publisher.publish(body,
+        routing_key=...)``, confirmed, on the worker's own publishing connection (the same API
+        as :class:`steadyrabbit.Publisher`). Published before the handler returns, so before
+        this message is acked: a consume-then-publish pipeline loses nothing."""
+        return self._bound_publishers()[0]
+
+    @property
+    def blocking_publisher(self) -> BlockingPublishing:
+        """:attr:`publisher` for a sync handler (it runs in a thread):
+        ``message.blocking_publisher.publish(body, routing_key=...)`` blocks until confirmed."""
+        return self._bound_publishers()[1]
+
+    def _bound_publishers(self) -> Publishers:
+        if self._publishers is None:
+            raise ClosedByUserError(
+                "this message came from no worker or test stub: it has no publisher"
+            )
+        return self._publishers
 
     def __repr__(self) -> str:
         return (

@@ -19,7 +19,8 @@ The life of a worker, and when each hook runs::
                                                  redelivered; first in the list outermost
         around_handler(message, call_next)       the first in the list is the outermost
             ... the handler ...
-        (the decision: ack, retry or dead letter; for a copy, publish it:)
+        (the handler's own publishes, and then the decision: ack, retry or dead letter; for
+        a copy, publish it:)
         around_publish(publish, call_next)       first in the list outermost
         on_settled(message, decision)            reverse list order; after the ack, or after
                                                  the broker confirmed the copy and the original
@@ -81,12 +82,17 @@ class RedeliveryNext(Protocol):
 
 @dataclass
 class Publish:
-    """A copy steadyrabbit is about to publish (a retry or a dead letter), as ``around_publish``
-    sees it: ``headers`` may be changed (tracing context, say) before ``call_next``."""
+    """A message about to be published, as ``around_publish`` sees it: one of steadyrabbit's
+    copies (``copy``: a retry, a dead letter or a hand-off marker, to a queue of its own by the
+    default exchange) or one a user publishes. ``headers`` may be changed (a tracing context,
+    say) before ``call_next``."""
 
-    queue: str
+    exchange: str
+    routing_key: str
     body: bytes
     headers: dict[str, Any]
+    message_id: str | None = None
+    copy: bool = False
 
 
 class Middleware:
@@ -102,7 +108,8 @@ class Middleware:
         return await call_next(message)
 
     async def around_publish(self, publish: Publish, call_next: PublishNext) -> None:
-        """Wrap the publishing of a copy (retry, dead letter): ``publish.headers`` may be
+        """Wrap a publish (a copy steadyrabbit makes, or a user's through a
+        :class:`~steadyrabbit.Publisher` or ``message.publisher``): ``publish.headers`` may be
         changed before ``await call_next(publish)``; it returns once the broker confirmed."""
         await call_next(publish)
 

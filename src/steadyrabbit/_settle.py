@@ -40,7 +40,7 @@ from ._message import (
     wire_headers,
 )
 from ._middleware import Hooks, Publish
-from ._publisher import Publisher
+from ._publisher import ConfirmedPublisher
 from ._stats import QueueCounts, Stats
 from ._topology import OwnQueue, copy_queue
 
@@ -53,7 +53,7 @@ class Settlement:
     def __init__(
         self,
         spec: HandlerSpec,
-        publisher: Publisher,
+        publisher: ConfirmedPublisher,
         hooks: Hooks,
         counts: QueueCounts,
         stats: Stats,
@@ -203,7 +203,14 @@ class Settlement:
                 target, copy.body, replace(properties, headers=copy.headers)
             )
 
-        copy = Publish(target.name, message.body, dict(properties.headers))
+        copy = Publish(
+            "",
+            target.name,
+            message.body,
+            dict(properties.headers),
+            message_id=properties.message_id,
+            copy=True,
+        )
         await self._hooks.wrap_publish(publish)(copy)
 
     def _copy_properties(self, message: Message, decision: Decision) -> Properties:

@@ -7,6 +7,7 @@ all ask here, so that they can never disagree on where a message went.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -186,6 +187,34 @@ def copy_queue(queue: str, queue_type: str, retry_delay_ms: int | None) -> OwnQu
     if retry_delay_ms is None:
         return dead_letter_queue(queue, queue_type)
     return retry_queue(queue, retry_delay_ms, queue_type)
+
+
+#: The headers exchange a delayed publish goes through: it routes to the delay queue of the
+#: message's exchange and delay (the binding matches :data:`DELAY_HEADER`), whose TTL then
+#: dead-letters it to that exchange with its own routing key.
+DELAY_EXCHANGE = "steadyrabbit.delay"
+DELAY_HEADER = "x-steadyrabbit-delay"
+_MAX_NAME_BYTES = 255
+
+
+def delay_route(exchange: str, delay_ms: int) -> str:
+    """The :data:`DELAY_HEADER` value that routes a message to ``delay_queue(exchange,
+    delay_ms)``."""
+    return f"{delay_ms}ms {exchange}"
+
+
+def delay_queue(exchange: str, delay_ms: int) -> OwnQueue:
+    """``steadyrabbit.delay.<exchange>.<ms>ms``: holds messages for ``exchange`` (the default
+    exchange is ``amq.default``) for ``delay_ms``, then dead-letters them to it with the routing
+    key they were published with. One queue per delay, as for retries: a TTL expires only at
+    the head of a queue, so a short delay must never wait behind a long one."""
+    shown = exchange or "amq.default"
+    name = f"steadyrabbit.delay.{shown}.{delay_ms}ms"
+    if len(name.encode()) > _MAX_NAME_BYTES:  # exchange names may be 255 bytes themselves
+        digest = hashlib.sha256(exchange.encode()).hexdigest()[:16]
+        name = f"steadyrabbit.delay.{digest}.{delay_ms}ms"
+    arguments: dict[str, Any] = {"x-message-ttl": delay_ms, "x-dead-letter-exchange": exchange}
+    return OwnQueue(name, arguments)
 
 
 #: The first RabbitMQ that takes ``x-consumer-timeout`` as a consumer argument; older ones

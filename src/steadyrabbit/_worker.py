@@ -20,7 +20,7 @@ from ._gate import UNSTARTED_PATIENCE_SHARE, SoloGate
 from ._idempotency import Leases, lease_store
 from ._leases import this_process
 from ._middleware import Hooks, Middleware
-from ._publisher import Publisher
+from ._publisher import ConfirmedPublisher
 from ._settings import Settings
 from ._stats import Stats
 from ._supervisor import Supervisor
@@ -53,7 +53,7 @@ class Worker:
         self._consumers: list[Consumer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._supervisors: list[Supervisor] = []
-        self._publisher: Publisher | None = None
+        self._publisher: ConfirmedPublisher | None = None
         self._watchdog: LoopLagWatchdog | None = None
         self._metrics: MetricsServer | None = None
         self._hooks = Hooks()
@@ -145,7 +145,7 @@ class Worker:
         consume = Supervisor(settings, self.stats, role="consume", hooks=hooks)
         publish = Supervisor(settings, self.stats, role="publish", hooks=hooks)
         self._supervisors = [consume, publish]
-        self._publisher = Publisher(publish)
+        self._publisher = ConfirmedPublisher(publish)
         for spec in self.app.handlers:
             if spec.threaded is not None:
                 spec.threaded.open()

@@ -2,7 +2,7 @@
 
 * :func:`run_handler` / :func:`run_handler_sync`: run a handler on one message without a
   broker and get its :class:`~steadyrabbit.Decision` (ack, retry into which queue, dead letter
-  with which reason), in milliseconds.
+  with which reason) and the messages it published (:class:`Published`), in milliseconds.
 * :class:`FaultProxy`: a TCP proxy between a client and a broker that resets, stalls,
   black-holes, delays or cuts connections on demand (one, or all of them).
 * :func:`start_node` / :class:`BrokerNode`: a private, throw-away RabbitMQ node with its own
@@ -16,13 +16,15 @@ Importing this package imports no pytest (the plugin module alone does), and
 
 from ._node import BrokerNode, find_rabbitmq_bin, start_node
 from ._proxy import Direction, FaultProxy, ProxiedConnection
-from ._stub import run_handler, run_handler_sync
+from ._stub import HandlerResult, Published, run_handler, run_handler_sync
 
 __all__ = [
     "BrokerNode",
     "Direction",
     "FaultProxy",
+    "HandlerResult",
     "ProxiedConnection",
+    "Published",
     "find_rabbitmq_bin",
     "run_handler",
     "run_handler_sync",

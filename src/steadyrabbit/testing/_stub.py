@@ -4,14 +4,15 @@ The handler runs as a worker would run it: the body decoded as the consumer asks
 app's and the consumer's ``around_handler`` middleware, a sync handler in a thread; its error
 (or none) goes through the same :func:`steadyrabbit.decide` the worker uses. Nothing is sent
 anywhere: the :class:`~steadyrabbit.Decision` says what the worker would do (ack, retry after a
-delay into which queue, dead-letter with which reason).
+delay into which queue, dead-letter with which reason), and what the handler published through
+``message.publisher`` (through the same ``around_publish`` middleware) is recorded, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .._amqp import synthetic_delivery
@@ -20,10 +21,35 @@ from .._decision import Decision, decide, retry_bucket_ms
 from .._errors import ConfigurationError, HandlerExit, Reject
 from .._message import Message
 from .._middleware import Hooks
+from .._outbound import Published
 from .._properties import Properties
+from .._publishing import BlockingPublisher, Publisher
 from .._topology import copy_queue
 
-__all__ = ["run_handler", "run_handler_sync"]
+__all__ = ["HandlerResult", "Published", "run_handler", "run_handler_sync"]
+
+
+@dataclass(frozen=True)
+class HandlerResult:
+    """What a worker would do with the message (``decision``), and what the handler published
+    (``published``, in order; each as the broker would have been handed it: the body encoded,
+    a message id given, the headers as the middleware left them)."""
+
+    decision: Decision
+    published: tuple[Published, ...]
+
+
+class _Recorder:
+    """A transport that keeps what is published instead of sending it."""
+
+    def __init__(self) -> None:
+        self.published: list[Published] = []
+
+    async def send(self, published: Published) -> None:
+        self.published.append(published)
+
+    def why_unconfirmed(self) -> str:
+        return "the test stub confirms at once"  # never reached: send cannot wait
 
 
 async def run_handler(
@@ -37,9 +63,10 @@ async def run_handler(
     exchange: str = "",
     routing_key: str | None = None,
     redelivered: bool = False,
-) -> Decision:
+) -> HandlerResult:
     """Run the handler ``app`` registered for ``queue`` on a message with ``body``; return its
-    :class:`~steadyrabbit.Decision` (with ``target`` set for a retry or a dead letter).
+    :class:`~steadyrabbit.Decision` (with ``target`` set for a retry or a dead letter) and the
+    messages it published.
 
     ``headers`` may carry ``x-steadyrabbit-attempts`` to stand for a retried message.
     """
@@ -56,8 +83,12 @@ async def run_handler(
         exchange=exchange,
         routing_key=routing_key if routing_key is not None else queue,
     )
-    message = Message(None, deliver, wire, body, queue)  # type: ignore[arg-type]
-    handler = Hooks([*app.middleware, *spec.middleware]).wrap_handler(_handler_of(spec))
+    hooks = Hooks([*app.middleware, *spec.middleware])
+    recorder = _Recorder()
+    publisher = Publisher.over(recorder, hooks)
+    publishers = (publisher, BlockingPublisher.over(publisher, asyncio.get_running_loop()))
+    message = Message(None, deliver, wire, body, queue, publishers)  # type: ignore[arg-type]
+    handler = hooks.wrap_handler(_handler_of(spec))
     error: Exception | None = None
     try:
         if spec.decode is not None:
@@ -71,13 +102,13 @@ async def run_handler(
     except SystemExit as exc:  # sys.exit() in an async handler fails its message, as in a worker
         error = HandlerExit(exc)
     decision = decide(error, properties.headers, spec.retry)
-    if error is None:
-        return decision
-    target = copy_queue(spec.queue, spec.queue_type, retry_bucket_ms(decision, spec.retry))
-    return replace(decision, target=target.name)
+    if error is not None:
+        target = copy_queue(spec.queue, spec.queue_type, retry_bucket_ms(decision, spec.retry))
+        decision = replace(decision, target=target.name)
+    return HandlerResult(decision, tuple(recorder.published))
 
 
-def run_handler_sync(app: App, queue: str, body: bytes, **message: Any) -> Decision:
+def run_handler_sync(app: App, queue: str, body: bytes, **message: Any) -> HandlerResult:
     """:func:`run_handler` for tests without an event loop of their own."""
     return asyncio.run(run_handler(app, queue, body, **message))
 
