@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from steadyrabbit import App, BlockingPublisher, Message, Outcome, Reject, Worker
+from steadyrabbit.testing import run_handler_sync
 from tests.conftest import Admin, MakeSettings, eventually
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -26,10 +27,16 @@ def readme_block(name: str) -> str:
     return match.group(1)
 
 
+def _compiled(name: str) -> Any:
+    # dont_inherit: this file's `from __future__ import annotations` must not turn the
+    # README's annotations into strings that its classes (defined in no module) cannot resolve.
+    return compile(readme_block(name), "README.md", "exec", dont_inherit=True)
+
+
 def run_blocks(*names: str) -> dict[str, Any]:
     namespace: dict[str, Any] = {}
     for name in names:
-        exec(compile(readme_block(name), "README.md", "exec"), namespace)
+        exec(_compiled(name), namespace)
     return namespace
 
 
@@ -37,8 +44,8 @@ def run_blocks(*names: str) -> dict[str, Any]:
 def workers_module() -> Iterator[types.ModuleType]:
     """``workers.py`` as the README builds it: "Write handlers", then "Publish"."""
     module = types.ModuleType("workers")
-    exec(compile(readme_block("handlers"), "README.md", "exec"), module.__dict__)
-    exec(compile(readme_block("publishing"), "README.md", "exec"), module.__dict__)
+    exec(_compiled("handlers"), module.__dict__)
+    exec(_compiled("publishing"), module.__dict__)
     sys.modules["workers"] = module
     try:
         yield module
@@ -111,3 +118,15 @@ async def test_the_readme_publishing_example_on_the_broker(
         reminder_delay = "steadyrabbit.delay.amq.default.3600000ms"
         admin.delete("orders", "orders.dlq", "reminders", invoices, reminder_delay)
         admin.delete_exchange("billing")
+
+
+def test_the_readme_typed_payload_example(capsys: pytest.CaptureFixture[str]) -> None:
+    app: App = run_blocks("payloads")["app"]
+    body = b'{"id": "o-1", "lines": [{"sku": "a", "qty": 2}]}'
+    assert run_handler_sync(app, "orders.typed", body).decision.outcome is Outcome.ACK
+    assert capsys.readouterr().out == "order o-1: 1 lines, attempt 1\n"
+    bad = run_handler_sync(app, "orders.typed", b'{"lines": [{"sku": "a", "qty": 0}]}')
+    assert bad.decision.reason == (
+        "invalid payload (2 errors): id: Field required [missing]; lines.0.qty: Input "
+        "should be greater than 0 [greater_than]"
+    )

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from ._errors import ConfigurationError, HandlerExit
 from ._message import Message
 from ._middleware import Middleware
+from ._payload import typed_handler
 from ._retry import RetryPolicy
 from ._topology import dead_letter_queue_name
 
@@ -240,7 +241,11 @@ class App:
         direct exchange; once, with no key, for a fanout exchange; with ``bind_arguments``
         (``{"x-match": "all", "type": "order"}``) for a headers exchange.
         ``decode`` ("json", "text" or a callable) turns the body into ``message.payload``; a
-        body that fails to decode is dead-lettered.
+        body that fails to decode is dead-lettered. A handler whose first parameter is
+        annotated with a pydantic model, a dataclass or a ``TypedDict`` receives the body
+        validated as that (JSON, or what ``decode`` made of it), and the message as its second
+        parameter if it has one; a body that does not validate is dead-lettered at once, the
+        errors by field path as the reason.
         ``retry`` (default: the app's) decides how failures are retried; ``queue_type``
         ("classic" or "quorum", default: the app's) is the type of the retry and dead-letter
         queues, and of the consumed queue if it has to be created. ``middleware``: this
@@ -324,11 +329,17 @@ class App:
                 f"max_duration for {queue!r} must be a number of seconds > 0, "
                 f"not {max_duration!r}"
             )
+        # A first parameter annotated with a model (not Message) takes the validated payload.
+        typed = typed_handler(fn)
+        call: Callable[[Message], Any] = fn
+        if typed is not None:
+            decode = typed.validator(decode)
+            call = typed.call
         handler: AsyncHandler
         if inspect.iscoroutinefunction(fn):
-            handler = fn  # a SystemExit it raises is caught where it is awaited
+            handler = call  # a SystemExit it raises is caught where it is awaited
         else:
-            handler = _ThreadedHandler(fn, concurrency, queue)
+            handler = _ThreadedHandler(call, concurrency, queue)
         spec = HandlerSpec(
             queue=queue,
             handler=handler,
@@ -369,7 +380,7 @@ class App:
             )
             handler = spec.handler
             if spec.threaded is not None and threads != spec.concurrency:
-                handler = _ThreadedHandler(spec.function, threads, spec.queue)
+                handler = _ThreadedHandler(spec.threaded.fn, threads, spec.queue)
             specs.append(replace(spec, handler=handler, concurrency=threads, prefetch=window))
         self._specs[:] = specs
         self._window_defaults = (concurrency, prefetch)

@@ -427,6 +427,8 @@ class Consumer:
             if self._decode is not None:
                 try:
                     message.payload = self._decode(message.body)
+                except Reject:
+                    raise  # a typed payload that did not validate, with its errors
                 except Exception as exc:
                     raise Reject(f"undecodable body: {type(exc).__name__}: {exc}") from exc
             await self._handler(message)

@@ -94,6 +94,8 @@ async def run_handler(
         if spec.decode is not None:
             try:
                 message.payload = spec.decode(body)
+            except Reject:
+                raise
             except Exception as exc:
                 raise Reject(f"undecodable body: {type(exc).__name__}: {exc}") from exc
         await handler(message)
@@ -122,11 +124,12 @@ def _spec(app: App, queue: str) -> HandlerSpec:
 
 
 def _handler_of(spec: HandlerSpec) -> Any:
-    if spec.threaded is None:
+    threaded = spec.threaded
+    if threaded is None:
         return spec.handler
 
     async def in_a_thread(message: Message) -> Any:
         # The worker's thread pool opens with the worker; a thread of its own does here.
-        return await asyncio.to_thread(call_sync, spec.function, message)
+        return await asyncio.to_thread(call_sync, threaded.fn, message)
 
     return in_a_thread
