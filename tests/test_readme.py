@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from steadyrabbit import App, BlockingPublisher, Message, Outcome, Reject, Worker
+from steadyrabbit import App, BlockingPublisher, Message, Outcome, Publisher, Reject, Worker
 from steadyrabbit.testing import run_handler_sync
-from tests.conftest import Admin, MakeSettings, eventually
+from tests.conftest import Admin, MakeSettings, Settled, eventually
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -130,3 +130,34 @@ def test_the_readme_typed_payload_example(capsys: pytest.CaptureFixture[str]) ->
         "invalid payload (2 errors): id: Field required [missing]; lines.0.qty: Input "
         "should be greater than 0 [greater_than]"
     )
+
+
+@pytest.mark.anyio
+async def test_the_readme_tracing_example_exports_spans(
+    queue_name: str,
+    admin: Admin,
+    make_settings: MakeSettings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    example = run_blocks("tracing")
+    app: App = example["app"]
+    admin.declare(queue_name)
+
+    settled = Settled()  # its on_settled runs before the app's (after-hooks in reverse)
+
+    @app.consumer(queue_name, middleware=[settled])
+    async def handle(message: Message) -> None:
+        pass
+
+    settings = make_settings()
+    try:
+        async with Worker(app, settings):
+            async with Publisher(settings, middleware=[example["tracing"]]) as publisher:
+                await publisher.publish(b"x", routing_key=queue_name)
+            await settled.wait_for(1)
+    finally:
+        example["provider"].shutdown()  # flushes the batch and stops its thread
+    printed = capsys.readouterr().out
+    assert '"name": "publish amq.default"' in printed
+    assert f'"name": "process {queue_name}"' in printed
+    assert '"steadyrabbit.outcome": "ack"' in printed

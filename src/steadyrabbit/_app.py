@@ -9,6 +9,7 @@ import json
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
+from contextvars import Context, copy_context
 from dataclasses import dataclass, replace
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
@@ -73,7 +74,7 @@ class _HandlerThreads:
         self._fn = fn
         self._size = size
         self._name = name
-        self._jobs: SimpleQueue[tuple[Future[Any], Message] | None] = SimpleQueue()
+        self._jobs: SimpleQueue[tuple[Future[Any], Message, Context] | None] = SimpleQueue()
         self._idle = threading.Semaphore(0)  # released by a thread each time it waits for work
         self._started = 0
         self._closed = False
@@ -82,7 +83,9 @@ class _HandlerThreads:
         if self._closed:
             raise RuntimeError(f"{self._name}: the handler threads are closed")
         future: Future[Any] = Future()
-        self._jobs.put((future, message))
+        # The handler runs in the submitter's context: what middleware set there (a tracing
+        # span, say) is the handler's too, as for an async handler's task.
+        self._jobs.put((future, message, copy_context()))
         if not self._idle.acquire(blocking=False) and self._started < self._size:
             thread = threading.Thread(
                 target=self._work, name=f"{self._name}_{self._started}", daemon=True
@@ -110,11 +113,11 @@ class _HandlerThreads:
             del job  # holds no message while idle
             self._idle.release()
 
-    def _run(self, future: Future[Any], message: Message) -> None:
+    def _run(self, future: Future[Any], message: Message, context: Context) -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            result = call_sync(self._fn, message)
+            result = context.run(call_sync, self._fn, message)
         except Exception as exc:  # noqa: BLE001 - the handler's failure, for its message
             future.set_exception(exc)
         else:

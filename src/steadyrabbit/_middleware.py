@@ -93,6 +93,8 @@ class Publish:
     headers: dict[str, Any]
     message_id: str | None = None
     copy: bool = False
+    #: For a copy, the message it is a copy of.
+    of: Message | None = None
 
 
 class Middleware:

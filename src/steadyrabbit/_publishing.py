@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -419,17 +421,36 @@ class BlockingPublisher:
                     "a blocking publish on the event loop's own thread would wait for itself: "
                     "an async handler awaits message.publisher.publish(...) instead"
                 )
-        running = asyncio.run_coroutine_threadsafe(
-            self._publisher.publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                headers=headers,
-                message_id=message_id,
-                content_type=content_type,
-                persistent=persistent,
-                delay=delay,
-            ),
-            loop,
+        publishing = self._publisher.publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            headers=headers,
+            message_id=message_id,
+            content_type=content_type,
+            persistent=persistent,
+            delay=delay,
         )
-        return running.result()
+        result: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+        def start() -> None:
+            task = asyncio.ensure_future(publishing)
+            task.add_done_callback(functools.partial(_settle_future, result))
+
+        # The publish runs in this thread's context (a sync handler's tracing span, say),
+        # which run_coroutine_threadsafe would not carry over.
+        try:
+            loop.call_soon_threadsafe(start, context=contextvars.copy_context())
+        except RuntimeError:  # the loop is closed: its worker or publisher has stopped
+            publishing.close()
+            raise ClosedByUserError("the publisher's event loop has stopped") from None
+        return result.result()
+
+
+def _settle_future(result: concurrent.futures.Future[str], task: asyncio.Task[str]) -> None:
+    if task.cancelled():
+        result.cancel()
+    elif (error := task.exception()) is not None:
+        result.set_exception(error)
+    else:
+        result.set_result(task.result())

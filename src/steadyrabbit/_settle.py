@@ -210,6 +210,7 @@ class Settlement:
             dict(properties.headers),
             message_id=properties.message_id,
             copy=True,
+            of=message,
         )
         await self._hooks.wrap_publish(publish)(copy)
 
