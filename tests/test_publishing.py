@@ -33,7 +33,6 @@ from steadyrabbit import (
 from steadyrabbit._middleware import PublishNext
 from steadyrabbit._topology import delay_queue
 from steadyrabbit.testing import BrokerNode
-from tests._broker import main_broker_ctl
 from tests.conftest import Admin, MakeSettings, eventually
 
 pytestmark = pytest.mark.anyio
@@ -163,12 +162,15 @@ async def test_a_delayed_publish_arrives_after_its_delay_by_its_exchange_and_key
 
 
 @pytest.mark.slow
+@pytest.mark.private_node
 async def test_ten_thousand_publishes_through_a_connection_kill_lose_nothing(
-    queue_name: str, admin: Admin, make_settings: MakeSettings
+    private_node: BrokerNode, private_admin: Admin, make_settings: MakeSettings
 ) -> None:
-    """Issue 11: 10,000 confirmed publishes with close_all_connections in the middle arrive,
+    """Issue 11: 10,000 confirmed publishes with ``rabbitmqctl close_all_connections`` in the
+    middle (on a private node: the main broker's connections are other tests' too) arrive,
     none lost; duplicates (a publish whose confirm died with its connection) are counted."""
-    admin.declare(queue_name)
+    queue = f"publish-kill-{uuid.uuid4().hex[:6]}"
+    private_admin.declare(queue)
     total = 10_000
     reconnects: list[str] = []
 
@@ -176,32 +178,35 @@ async def test_ten_thousand_publishes_through_a_connection_kill_lose_nothing(
         def on_reconnecting(self, role: str, cause: str, error: Exception) -> None:
             reconnects.append(cause)
 
-    settings = make_settings(reconnect_delay=0.1, reconnect_delay_max=0.5)
-    async with Publisher(settings, middleware=[Reconnects()]) as pub:
+    settings = make_settings(private_node.url, reconnect_delay=0.1, reconnect_delay_max=0.5)
+    try:
+        async with Publisher(settings, middleware=[Reconnects()]) as pub:
 
-        async def publish(n: int) -> None:
-            await pub.publish(str(n).encode(), routing_key=queue_name, message_id=f"n-{n}")
+            async def publish(n: int) -> None:
+                await pub.publish(str(n).encode(), routing_key=queue, message_id=f"n-{n}")
 
-        for start in range(0, total, 500):
-            if start == total // 2:
-                killing = asyncio.ensure_future(
-                    asyncio.to_thread(
-                        main_broker_ctl, "close_all_connections", "steadyrabbit test kill"
+            for start in range(0, total, 500):
+                if start == total // 2:
+                    killing = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            private_node.ctl, "close_all_connections", "steadyrabbit test kill"
+                        )
                     )
-                )
-            await asyncio.gather(*(publish(n) for n in range(start, start + 500)))
-        await killing
-    assert reconnects, "the kill did not reach the publisher"
-    received: Counter[str] = Counter()
+                await asyncio.gather(*(publish(n) for n in range(start, start + 500)))
+            await killing
+        assert reconnects, "the kill did not reach the publisher"
+        received: Counter[str] = Counter()
 
-    def all_arrived() -> bool:
-        received.update(str(p.message_id) for p, _ in admin.drain(queue_name))
-        return len(received) >= total
+        def all_arrived() -> bool:
+            received.update(str(p.message_id) for p, _ in private_admin.drain(queue))
+            return len(received) >= total
 
-    await eventually(all_arrived, within=60, what="every message")
-    assert set(received) == {f"n-{n}" for n in range(total)}
-    duplicates = sum(received.values()) - total
-    print(f"10,000 publishes through a connection kill: {duplicates} duplicates")
+        await eventually(all_arrived, within=60, what="every message")
+        assert set(received) == {f"n-{n}" for n in range(total)}
+        duplicates = sum(received.values()) - total
+        print(f"10,000 publishes through close_all_connections: {duplicates} duplicates")
+    finally:
+        private_admin.delete(queue)
 
 
 async def test_a_handler_publishes_on_the_workers_connection_before_its_ack(

@@ -161,3 +161,24 @@ async def test_the_readme_tracing_example_exports_spans(
     assert '"name": "publish amq.default"' in printed
     assert f'"name": "process {queue_name}"' in printed
     assert '"steadyrabbit.outcome": "ack"' in printed
+
+
+@pytest.mark.anyio
+async def test_the_readme_routing_example_on_the_broker(
+    admin: Admin, make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its names as they are: the ``events`` and ``orders`` exchanges, ``orders.audit``."""
+    app: App = run_blocks("routing")["app"]
+    settled = Settled()
+    app.middleware = (*app.middleware, settled)
+    try:
+        async with Worker(app, make_settings()):
+            await admin.run(
+                admin.publish, "", [b"x"], exchange="events", routing_key="order.eu.new"
+            )
+            await settled.wait_for(1)
+    finally:
+        admin.delete("orders.audit", "orders.audit.dlq")
+        admin.delete_exchange("events")
+        admin.delete_exchange("orders")
+    assert capsys.readouterr().out == "audited order.eu.new\n"

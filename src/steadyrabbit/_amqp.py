@@ -481,6 +481,23 @@ class AmqpChannel:
         )
         return int(frame.method.message_count), int(frame.method.consumer_count)
 
+    async def bind_exchange(
+        self,
+        destination: str,
+        source: str,
+        routing_key: str,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        await self._rpc(
+            lambda cb: self.raw.exchange_bind(
+                destination=destination,
+                source=source,
+                routing_key=routing_key,
+                arguments=None if arguments is None else dict(arguments),
+                callback=cb,
+            )
+        )
+
     async def bind_queue(
         self,
         queue: str,

@@ -139,6 +139,21 @@ def call_sync(fn: SyncHandler, message: Message) -> Any:
         raise HandlerExit(exc) from exc
 
 
+_EXCHANGE_TYPES = frozenset({"topic", "direct", "fanout", "headers"})
+
+
+@dataclass(frozen=True)
+class ExchangeBinding:
+    """``source`` routes on to ``destination`` (see :meth:`App.bind_exchange`)."""
+
+    source: str
+    destination: str
+    routing_keys: tuple[str, ...]
+    arguments: Mapping[str, Any] | None
+    source_type: str
+    destination_type: str
+
+
 @dataclass(frozen=True)
 class HandlerSpec:
     """A registered handler and everything about the queue it consumes."""
@@ -166,6 +181,12 @@ class HandlerSpec:
     #: The handler's time budget in seconds: on RabbitMQ 3.12 and later, the consumer's
     #: ``x-consumer-timeout``; None: the broker's ``consumer_timeout``, with hand-offs.
     max_duration: float | None = None
+    #: Only one consumer of the queue at a time gets its messages (the queue argument
+    #: ``x-single-active-consumer``); the others wait as hot standbys.
+    single_active: bool = False
+    #: This consumer's ``x-priority``: the broker delivers to the highest-priority consumers
+    #: with room for more before the others. None: the broker's default (0).
+    priority: int | None = None
 
     @property
     def name(self) -> str:
@@ -203,6 +224,7 @@ class App:
         self.queue_type = queue_type
         self.middleware = _middleware_list(middleware)
         self._specs: list[HandlerSpec] = []
+        self._exchange_bindings: list[ExchangeBinding] = []
         self._shutdown_hooks: list[Hook] = []
         self._window_defaults: tuple[int | None, int | None] = (None, None)
 
@@ -213,6 +235,48 @@ class App:
     @property
     def shutdown_hooks(self) -> tuple[Hook, ...]:
         return tuple(self._shutdown_hooks)
+
+    @property
+    def exchange_bindings(self) -> tuple[ExchangeBinding, ...]:
+        return tuple(self._exchange_bindings)
+
+    def bind_exchange(
+        self,
+        source: str,
+        destination: str,
+        *,
+        routing_key: str | Sequence[str] | None = None,
+        bind_arguments: Mapping[str, Any] | None = None,
+        source_type: str = "topic",
+        destination_type: str = "topic",
+    ) -> ExchangeBinding:
+        """Route what ``source`` routes (by ``routing_key``, one or a list, or
+        ``bind_arguments`` for a headers exchange) on to the exchange ``destination``. Both
+        are declared durable (of their types) if missing, and the binding is declared with
+        every consumer's topology: at start and again after each reconnect."""
+        for name in (source, destination):
+            if not isinstance(name, str) or not name or len(name.encode()) > 255:
+                raise ConfigurationError(
+                    "an exchange binding joins two named exchanges (1 to 255 bytes; the "
+                    "default exchange cannot be bound)"
+                )
+        if source == destination:
+            raise ConfigurationError(f"exchange {source!r} cannot be bound to itself")
+        for kind in (source_type, destination_type):
+            if kind not in _EXCHANGE_TYPES:
+                raise ConfigurationError(f"unknown exchange type {kind!r}")
+        what = f"the binding of exchange {destination!r} to {source!r}"
+        keys = _routing_keys(what, source, source_type, routing_key, bind_arguments)
+        binding = ExchangeBinding(
+            source,
+            destination,
+            keys,
+            None if bind_arguments is None else dict(bind_arguments),
+            source_type,
+            destination_type,
+        )
+        self._exchange_bindings.append(binding)
+        return binding
 
     def consumer(
         self,
@@ -230,6 +294,8 @@ class App:
         middleware: Sequence[Middleware] = (),
         idempotency_key: Callable[[Message], str | None] | None = None,
         max_duration: float | None = None,
+        single_active: bool = False,
+        priority: int | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated function (sync or ``async def``) as the handler of ``queue``.
 
@@ -258,6 +324,10 @@ class App:
         a digest of its body. ``max_duration``: the handler's time budget in seconds; on
         RabbitMQ 3.12 and later it becomes this consumer's ``x-consumer-timeout``, and
         elsewhere a run near the broker's ``consumer_timeout`` is handed off (see the README).
+        ``single_active``: one consumer of the queue at a time gets its messages, the others
+        (other workers) standing by; set on the queue when steadyrabbit creates it, and checked
+        on a queue that exists (a queue's arguments cannot change). ``priority``: this
+        consumer's ``x-priority`` (higher first, while it has room).
         """
 
         def register(fn: H) -> H:
@@ -276,6 +346,8 @@ class App:
                 middleware=middleware,
                 idempotency_key=idempotency_key,
                 max_duration=max_duration,
+                single_active=single_active,
+                priority=priority,
             )
             return fn
 
@@ -298,6 +370,8 @@ class App:
         middleware: Sequence[Middleware] = (),
         idempotency_key: Callable[[Message], str | None] | None = None,
         max_duration: float | None = None,
+        single_active: bool = False,
+        priority: int | None = None,
     ) -> HandlerSpec:
         """Register ``fn`` as the handler of ``queue``; see :meth:`consumer`."""
         if not queue or len(queue.encode()) > 250:
@@ -308,9 +382,11 @@ class App:
         concurrency, prefetch = _window(queue, concurrency, prefetch, *self._window_defaults)
         if exchange == "":
             raise ConfigurationError("the default exchange cannot be bound; omit the exchange")
-        if exchange_type not in {"topic", "direct", "fanout", "headers"}:
+        if exchange_type not in _EXCHANGE_TYPES:
             raise ConfigurationError(f"unknown exchange type {exchange_type!r}")
-        routing_keys = _routing_keys(queue, exchange, exchange_type, routing_key, bind_arguments)
+        routing_keys = _routing_keys(
+            f"queue {queue!r}", exchange, exchange_type, routing_key, bind_arguments
+        )
         if isinstance(decode, str):
             if decode not in _DECODERS:
                 raise ConfigurationError(
@@ -338,6 +414,17 @@ class App:
         if typed is not None:
             decode = typed.validator(decode)
             call = typed.call
+        if not isinstance(single_active, bool):
+            raise ConfigurationError(f"single_active for {queue!r} must be True or False")
+        if priority is not None and (
+            isinstance(priority, bool)
+            or not isinstance(priority, int)
+            or not -(2**31) <= priority < 2**31
+        ):
+            raise ConfigurationError(
+                f"priority for {queue!r} must be a whole number (higher goes first), "
+                f"not {priority!r}"
+            )
         handler: AsyncHandler
         if inspect.iscoroutinefunction(fn):
             handler = call  # a SystemExit it raises is caught where it is awaited
@@ -361,6 +448,8 @@ class App:
             middleware=_middleware_list(middleware),
             idempotency_key=idempotency_key,
             max_duration=None if max_duration is None else float(max_duration),
+            single_active=single_active,
+            priority=priority,
         )
         self._specs.append(spec)
         return spec
@@ -395,17 +484,18 @@ class App:
 
 
 def _routing_keys(
-    queue: str,
+    subject: str,
     exchange: str | None,
     exchange_type: str,
     routing_key: object,
     bind_arguments: Mapping[str, Any] | None,
 ) -> tuple[str, ...]:
-    """The routing keys to bind ``queue`` with, checked: one sentence for any misuse."""
+    """The routing keys of ``subject``'s binding (``queue 'q'``), checked: one sentence for
+    any misuse."""
     if exchange is None:
         if routing_key is not None or bind_arguments is not None:
             raise ConfigurationError(
-                f"queue {queue!r}: a routing key or bind arguments need an exchange to bind to"
+                f"{subject}: a routing key or bind arguments need an exchange to bind to"
             )
         return ()
     if isinstance(routing_key, str):
@@ -416,24 +506,24 @@ def _routing_keys(
         keys = tuple(dict.fromkeys(routing_key))  # each binding once, in the order given
     else:
         raise ConfigurationError(
-            f"queue {queue!r}: routing_key must be a string or a list of strings, "
+            f"{subject}: routing_key must be a string or a list of strings, "
             f"not {type(routing_key).__name__}"
         )
     if any(len(key.encode()) > 255 for key in keys):
-        raise ConfigurationError(f"queue {queue!r}: a routing key is at most 255 bytes long")
+        raise ConfigurationError(f"{subject}: a routing key is at most 255 bytes long")
     if bind_arguments is not None and not isinstance(bind_arguments, Mapping):
-        raise ConfigurationError(f"queue {queue!r}: bind_arguments must be a mapping")
+        raise ConfigurationError(f"{subject}: bind_arguments must be a mapping")
     if exchange_type in {"topic", "direct"}:
         if not keys:
             raise ConfigurationError(
-                f"queue {queue!r}: binding to the {exchange_type} exchange {exchange!r} "
+                f"{subject}: binding to the {exchange_type} exchange {exchange!r} "
                 "needs a routing key (one or a list)"
             )
         return keys
     if keys:
         # The broker would accept and ignore them: say so instead of binding what never matches.
         raise ConfigurationError(
-            f"queue {queue!r}: a {exchange_type} exchange ignores routing keys; "
+            f"{subject}: a {exchange_type} exchange ignores routing keys; "
             + (
                 "omit routing_key"
                 if exchange_type == "fanout"
@@ -442,7 +532,7 @@ def _routing_keys(
         )
     if exchange_type == "headers" and not bind_arguments:
         raise ConfigurationError(
-            f"queue {queue!r}: binding to the headers exchange {exchange!r} needs "
+            f"{subject}: binding to the headers exchange {exchange!r} needs "
             "bind_arguments, e.g. {'x-match': 'all', 'type': 'order'}"
         )
     return ("",)

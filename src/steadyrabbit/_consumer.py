@@ -8,7 +8,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from time import monotonic
 from types import CodeType
@@ -22,7 +22,7 @@ from ._amqp import (
     Deliver,
     WireProperties,
 )
-from ._app import HandlerSpec
+from ._app import ExchangeBinding, HandlerSpec
 from ._backoff import backoff_delay
 from ._decision import decide
 from ._errors import (
@@ -46,6 +46,7 @@ from ._settle import Settlement
 from ._stats import QueueCounts, Stats
 from ._supervisor import Supervisor
 from ._topology import (
+    bind_exchange,
     bind_queue,
     consumer_timeout_argument,
     dead_letter_queue,
@@ -79,8 +80,10 @@ class Consumer:
         stats: Stats,
         gate: SoloGate,
         hooks: Hooks,
+        exchange_bindings: Sequence[ExchangeBinding] = (),
     ) -> None:
         self.spec = spec
+        self._exchange_bindings = tuple(exchange_bindings)
         self._supervisor = supervisor
         self._publisher = publisher
         self._settings = settings
@@ -207,7 +210,19 @@ class Consumer:
             channel = await ensure_exchange(
                 channel, open_channel, spec.exchange, spec.exchange_type
             )
-        channel = await ensure_queue(channel, open_channel, spec.queue, spec.queue_type)
+        for binding in self._exchange_bindings:
+            for exchange, kind in (
+                (binding.source, binding.source_type),
+                (binding.destination, binding.destination_type),
+            ):
+                channel = await ensure_exchange(channel, open_channel, exchange, kind)
+            for routing_key in binding.routing_keys or ("",):
+                await bind_exchange(
+                    channel, binding.destination, binding.source, routing_key, binding.arguments
+                )
+        channel = await ensure_queue(
+            channel, open_channel, spec.queue, spec.queue_type, single_active=spec.single_active
+        )
         await declare_own_queue(channel, self._dead_letter_queue)
         for delay in spec.retry.delays or ():
             bucket = spec.retry.bucket_ms(delay)
@@ -220,16 +235,18 @@ class Consumer:
         self._cancelled_by_broker.clear()
         channel.on_broker_cancel(self._on_broker_cancel)
         self._channel = channel
-        arguments = None
+        arguments: dict[str, Any] = {}
+        if spec.priority is not None:
+            arguments["x-priority"] = spec.priority
         # A declared time budget goes to the broker as this consumer's own timeout where it
         # takes one (3.12+: a consumer argument, no queue change). It is not relied on: RabbitMQ
         # 4.0.5 was measured to ignore it, and 3.10 does, so long runs are handed off all the
         # same (see _idempotency); where the argument holds, that costs one marker.
         if consumer_timeout_argument(connection.server_version, spec.max_duration):
             assert spec.max_duration is not None
-            arguments = {"x-consumer-timeout": round(spec.max_duration * 1000)}
+            arguments["x-consumer-timeout"] = round(spec.max_duration * 1000)
         self._consumer_tag = await channel.consume(
-            spec.queue, partial(self._on_message, channel), arguments
+            spec.queue, partial(self._on_message, channel), arguments or None
         )
 
     async def _until_interrupted(self) -> None:

@@ -8,6 +8,7 @@ all ask here, so that they can never disagree on where a message went.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from ._amqp import ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED, AmqpChannel
 from ._errors import AccessRefusedError, ChannelClosedError, TopologyConflictError
 
 OpenChannel = Callable[[], Awaitable[AmqpChannel]]
+
+log = logging.getLogger("steadyrabbit")
 
 
 _INEQUIVALENT = re.compile(
@@ -81,13 +84,27 @@ async def _ensure(
     return channel
 
 
+SINGLE_ACTIVE = "x-single-active-consumer"
+
+
 async def ensure_queue(
-    channel: AmqpChannel, open_channel: OpenChannel, name: str, queue_type: str = "classic"
+    channel: AmqpChannel,
+    open_channel: OpenChannel,
+    name: str,
+    queue_type: str = "classic",
+    *,
+    single_active: bool = False,
 ) -> AmqpChannel:
     """Use queue ``name`` as it is (any type, any arguments); else declare it durable, of
-    ``queue_type``, with no other argument."""
+    ``queue_type``, with no other argument but ``x-single-active-consumer`` if asked for.
+
+    A queue's arguments cannot change, so ``single_active`` on a queue that exists is checked:
+    a queue without it is a :class:`TopologyConflictError`.
+    """
     arguments = queue_type_arguments(queue_type)
-    return await _ensure(
+    if single_active:
+        arguments[SINGLE_ACTIVE] = True
+    channel = await _ensure(
         "queue",
         name,
         channel,
@@ -96,6 +113,50 @@ async def ensure_queue(
             name, durable=True, passive=passive, arguments=None if passive else arguments
         ),
     )
+    if single_active:
+        channel = await _check_single_active(channel, open_channel, name, arguments)
+    return channel
+
+
+async def _check_single_active(
+    channel: AmqpChannel, open_channel: OpenChannel, name: str, arguments: dict[str, Any]
+) -> AmqpChannel:
+    # Declaring it again with the argument succeeds if the queue has it; the broker names the
+    # first argument that differs otherwise. Only a difference in this one is a conflict: a
+    # queue with other arguments of its own (a length limit) is used as it is, unchecked.
+    try:
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelClosedError as exc:
+        match = _INEQUIVALENT.search(exc.reply_text)
+        if exc.reply_code != PRECONDITION_FAILED or match is None:
+            raise _translate("queue", name, exc) from exc
+        if match.group("arg") == SINGLE_ACTIVE:
+            raise TopologyConflictError(
+                f"queue {name!r} exists without single-active-consumer, and a queue's "
+                f"arguments cannot change: drop single_active, or move its messages away and "
+                f"delete it so steadyrabbit creates it with {SINGLE_ACTIVE}"
+            ) from exc
+        log.info(
+            "queue %r has arguments of its own (%s): whether it is single-active-consumer "
+            "could not be checked",
+            name,
+            match.group("arg"),
+        )
+        return await open_channel()
+    return channel
+
+
+async def bind_exchange(
+    channel: AmqpChannel,
+    destination: str,
+    source: str,
+    routing_key: str,
+    arguments: Mapping[str, Any] | None = None,
+) -> None:
+    try:
+        await channel.bind_exchange(destination, source, routing_key, arguments)
+    except ChannelClosedError as exc:
+        raise _translate("binding of exchange", destination, exc) from exc
 
 
 async def ensure_exchange(

@@ -160,7 +160,14 @@ class Worker:
             )
             consumer_hooks = Hooks([crash_loops, *app_wide, *spec.middleware])
             consumer = Consumer(
-                spec, consume, self._publisher, settings, self.stats, self._gate, consumer_hooks
+                spec,
+                consume,
+                self._publisher,
+                settings,
+                self.stats,
+                self._gate,
+                consumer_hooks,
+                self.app.exchange_bindings,
             )
             self._consumers.append(consumer)
             lease_holders[spec.queue] = consumer
