@@ -37,7 +37,14 @@ from ._errors import (
     is_consumer_timeout,
 )
 from ._gate import HANDOFF_SHARE, UNSTARTED_PATIENCE_SHARE, NotAdmitted, SoloGate
-from ._message import Message, delivery_channel, fingerprint, wire_headers
+from ._message import (
+    Message,
+    delivery_channel,
+    fingerprint,
+    log_event,
+    one_line,
+    wire_headers,
+)
 from ._middleware import Hooks
 from ._publisher import ConfirmedPublisher
 from ._publishing import BlockingPublisher, BrokerTransport, Publisher
@@ -432,6 +439,26 @@ class Consumer:
         decision = decide(end_with, wire_headers(message), self._retry)
         return await self._settlement.carry_out(message, decision)
 
+    def _log_failure(self, message: Message, error: BaseException, seconds: float) -> None:
+        """One line per failed attempt; its traceback at debug level."""
+        fields = log_event(
+            "handler failed",
+            message,
+            error_type=type(error).__name__,
+            duration=round(seconds, 6),
+            handler=self.spec.name,
+        )
+        log.warning(
+            "handler %s failed on %r (attempt %d, %.3f s): %s",
+            self.spec.name,
+            message,
+            message.attempt,
+            seconds,
+            one_line(error),
+            extra=fields,
+        )
+        log.debug("the failure of %r:", message, exc_info=error, extra=fields)
+
     async def _run(self, message: Message) -> bool:
         """Run the handler and settle the message by its outcome.
 
@@ -440,6 +467,7 @@ class Consumer:
         a crash: an async handler blocked the event loop and its connection died of it.
         """
         error: Exception | None = None
+        started = monotonic()
         try:
             if self._decode is not None:
                 try:
@@ -449,18 +477,18 @@ class Consumer:
                 except Exception as exc:
                     raise Reject(f"undecodable body: {type(exc).__name__}: {exc}") from exc
             await self._handler(message)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the outcome of its message, logged below
             error = exc
             if not isinstance(exc, Reject | Retry):  # a handler's own decisions are no errors
                 self._stats.handler_errors += 1
-                log.warning("handler %s failed on %r", self.spec.name, message, exc_info=True)
+                self._log_failure(message, exc, monotonic() - started)
         except SystemExit as exc:
             # sys.exit() in an async handler: a failure of its message. Left alone, asyncio
             # would raise it out of the event loop and stop the worker. (A sync handler's is
             # turned into HandlerExit in its thread.)
             error = HandlerExit(exc)
             self._stats.handler_errors += 1
-            log.warning("handler %s exited on %r", self.spec.name, message, exc_info=True)
+            self._log_failure(message, error, monotonic() - started)
         if message.blocked_loop and not await self._survived_stall(message):
             return False
         if error is None:

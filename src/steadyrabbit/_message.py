@@ -24,6 +24,8 @@ __all__ = [
     "Properties",
     "delivery_channel",
     "fingerprint",
+    "log_event",
+    "one_line",
     "persistent_copy",
     "wire_headers",
 ]
@@ -164,6 +166,28 @@ class Message:
 def delivery_channel(message: Message) -> AmqpChannel:
     """The channel that delivered ``message``: its settlement goes there and nowhere else."""
     return message._channel
+
+
+def log_event(event: str, message: Message, **fields: object) -> dict[str, object]:
+    """``extra=`` of a log record about ``message``: the JSON log format shows ``event`` as its
+    message and these fields (queue, message id, attempt and ``fields``) beside it; the plain
+    format shows the record's own sentence."""
+    return {
+        "event": event,
+        "fields": {
+            "queue": message.queue,
+            "message_id": message.message_id,
+            "attempt": message.attempt,
+            **fields,
+        },
+    }
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: text`` of an exception on one line (its text may span several)."""
+    text = " ".join(str(error).split())
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name
 
 
 def wire_headers(message: Message) -> Mapping[str, Any] | None:

@@ -36,6 +36,7 @@ from ._message import (
     Properties,
     delivery_channel,
     fingerprint,
+    log_event,
     persistent_copy,
     wire_headers,
 )
@@ -279,12 +280,29 @@ class Settlement:
 
     def _copy_done(self, message: Message, copy: _CopyInFlight) -> None:
         decision = copy.decision
+        fields = log_event(
+            "retrying" if decision.outcome is Outcome.RETRY else "dead-lettered",
+            message,
+            attempt=decision.attempt,
+            outcome=decision.outcome.value,
+            error_type=decision.error_type,
+            reason=decision.reason,
+            target=decision.target,
+        )
         if decision.outcome is Outcome.RETRY:
             self.counts.retried += 1
-            log.info("retrying %r via %r (%s)", message, decision.target, decision.reason)
+            log.info(
+                "retrying %r via %r (%s)", message, decision.target, decision.reason, extra=fields
+            )
         else:
             self.counts.dead_lettered += 1
-            log.warning("dead-lettered %r to %r: %s", message, decision.target, decision.reason)
+            log.warning(
+                "dead-lettered %r to %r: %s",
+                message,
+                decision.target,
+                decision.reason,
+                extra=fields,
+            )
         if self._hooks.settled:
             self._hooks.on_settled(message, decision)
 
