@@ -805,6 +805,18 @@ def _kept_section(heading: str) -> str | None:
     return body.strip() or None
 
 
+PUBLISH_BEGIN, PUBLISH_END = "<!-- publish:begin -->", "<!-- publish:end -->"
+
+
+def _kept_publishing() -> str | None:
+    """The section bench/publish.py writes, kept as it is."""
+    if not BENCHMARKS_MD.exists():
+        return None
+    text = BENCHMARKS_MD.read_text()
+    start, end = text.find(PUBLISH_BEGIN), text.find(PUBLISH_END)
+    return text[start : end + len(PUBLISH_END)] if 0 <= start < end else None
+
+
 def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[str, Any]) -> None:
     env: dict[str, str] = run["versions"]
     box: dict[str, str] = run["machine"]
@@ -823,8 +835,9 @@ def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[st
         "# Benchmarks",
         "",
         "Written by `bench/run.py --write` from its own measurements: do not edit the numbers "
-        "by hand. Rerun the command below to refresh them (the section *Where the time goes* "
-        "is kept across rewrites).",
+        "by hand. Rerun the command below to refresh them (the sections *Publishing with "
+        "confirms*, written by `bench/publish.py`, and *Where the time goes* are kept across "
+        "rewrites).",
         "",
         f"- Date: {run['started']:%Y-%m-%d %H:%M} UTC; the run took "
         f"{run['duration_s'] / 60:.1f} min.",
@@ -915,6 +928,7 @@ def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[st
         "",
         METHOD,
         "",
+        *([publishing, ""] if (publishing := _kept_publishing()) else []),
         WHERE_HEADING,
         "",
         where,
