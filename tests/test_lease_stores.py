@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -27,8 +30,9 @@ import pytest
 import redis.asyncio
 
 from steadyrabbit import ConfigurationError, Message
+from steadyrabbit import _idempotency as idempotency_module
 from steadyrabbit._amqp import synthetic_delivery
-from steadyrabbit._idempotency import lease_store
+from steadyrabbit._idempotency import Leases, default_key, lease_store
 from steadyrabbit._inbox import PostgresInbox
 from steadyrabbit._leases import (
     Acquired,
@@ -585,3 +589,154 @@ def test_the_sync_twins(inbox_table: str) -> None:
         pytest.raises(ConfigurationError, match="transaction"),
     ):
         inbox.receive_sync(auto, make_message())
+
+
+# -- the embedded store's writes behind messages, and the Leases fast path -------------------
+
+
+def sqlite_rows(path: Path) -> dict[str, tuple[str, str]]:
+    """The records in a SQLite store's file, read by another connection: key -> (state, token)."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute("SELECT key, state, token FROM leases")
+        return {key: (state, token) for key, state, token in rows}
+    finally:
+        db.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteLeaseStore]:
+    store = SQLiteLeaseStore(tmp_path / "leases.sqlite3")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_a_run_that_ends_before_its_lease_is_written_costs_one_row(
+    sqlite_store: SQLiteLeaseStore,
+) -> None:
+    """The lease of a run that completed before the batch was written is never written; a
+    run still going has its lease written, and a waited operation queued after both sees
+    them (one transaction, in order)."""
+    mine = this_process()
+    sqlite_store.queue_begin("short", f"{mine}/1", 30.0)
+    sqlite_store.queue_begin("long", f"{mine}/2", 30.0)
+    sqlite_store.queue_complete("short", f"{mine}/1", 3600.0)
+    assert await sqlite_store.acquire("short", other(1), 30.0) == DONE
+    assert await sqlite_store.acquire("long", other(2), 30.0) == running(f"{mine}/2")
+    report = await sqlite_store.report()
+    assert (report.records, report.running) == (2, 1)
+
+
+async def test_rows_written_behind_that_fail_are_logged_and_a_waited_operation_still_runs(
+    sqlite_store: SQLiteLeaseStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch that fails is written again item by item: the rows that fail alone are logged
+    in one line, the waited operation beside them gets its own outcome."""
+    failing = sqlite3.OperationalError("disk I/O error")
+    real = SQLiteLeaseStore._in_transaction
+
+    def in_transaction(db: sqlite3.Connection, batch: list[Any]) -> list[tuple[bool, Any]]:
+        if any(type(item) is not tuple for item in batch):
+            raise failing
+        return real(db, batch)
+
+    monkeypatch.setattr(SQLiteLeaseStore, "_in_transaction", staticmethod(in_transaction))
+    caplog.set_level(logging.ERROR, logger="steadyrabbit")
+    mine = this_process()
+    sqlite_store.queue_complete("a", f"{mine}/1", 3600.0)
+    sqlite_store.queue_begin("b", f"{mine}/2", 30.0)
+    assert await sqlite_store.acquire("c", f"{mine}/3", 30.0) == RUN
+    await eventually_true(lambda: "could not write 2 lease record(s)" in caplog.text)
+    assert "disk I/O error" in caplog.text
+    assert set(sqlite_rows(sqlite_store.path)) == {"c"}
+
+
+async def eventually_true(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Recorded:
+    """A store that records what Leases writes behind (and answers no waited operation)."""
+
+    description: str = "recorded"
+    begins: list[tuple[str, str]] = field(default_factory=list)
+    completes: list[tuple[str, str]] = field(default_factory=list)
+
+    def queue_begin(self, key: str, token: str, lease: float) -> None:
+        self.begins.append((key, token))
+
+    def queue_complete(self, key: str, token: str, retention: float) -> None:
+        self.completes.append((key, token))
+
+
+def recorded_leases(store: Recorded, keys: dict[str, Any] | None = None) -> Leases:
+    consumer = SimpleNamespace(counts=SimpleNamespace(duplicates=0, markers=0), handoff_after=None)
+    return Leases(
+        store,  # type: ignore[arg-type]
+        owner="host/1/1",
+        vhost="/",
+        consumers={"orders": consumer},
+        keys={"orders": None} if keys is None else keys,
+        lease=30.0,
+        retention=3600.0,
+    )
+
+
+async def run_through(leases: Leases, message: Message) -> list[bytes]:
+    ran: list[bytes] = []
+
+    async def handler(message: Message) -> None:
+        ran.append(message.body)
+
+    await leases.around_handler(message, handler)
+    return ran
+
+
+async def test_a_first_delivery_is_keyed_by_the_default_key_and_written_behind() -> None:
+    store = Recorded()
+    leases = recorded_leases(store)
+    message = make_message(b"body", message_id="id-1", queue="orders")
+    assert await run_through(leases, message) == [b"body"]
+    key = default_key(message, "/")
+    assert store.begins == [(key, "host/1/1/1")]
+    assert store.completes == [(key, "host/1/1/1")]
+    assert message.lease is None
+    # A copy of it is answered from memory: not run, nothing written, counted.
+    assert await run_through(leases, make_message(b"body", message_id="id-1")) == []
+    assert len(store.completes) == 1
+    assert leases._consumers["orders"].counts.duplicates == 1
+    # Another queue, a message without an id, a key function that says None: not keyed.
+    assert await run_through(leases, make_message(queue="other")) == [b'{"order": 1}']
+    assert await run_through(leases, make_message(message_id=None)) == [b'{"order": 1}']
+    by_body = recorded_leases(store, {"orders": lambda m: None})
+    assert await run_through(by_body, make_message()) == [b'{"order": 1}']
+    assert len(store.begins) == 1
+
+
+async def test_a_worker_remembers_at_least_its_latest_completions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(idempotency_module, "_REMEMBERED_DONE", 3)
+    store = Recorded()
+    leases = recorded_leases(store)
+    for n in range(5):
+        await run_through(leases, make_message(message_id=f"id-{n}"))
+    # The last 3 at least: a copy of each is acked without running.
+    for n in (2, 3, 4):
+        assert await run_through(leases, make_message(message_id=f"id-{n}")) == []
+    for n in range(5, 7):
+        await run_through(leases, make_message(message_id=f"id-{n}"))
+    # id-0..id-2 went with the older generation: only the store could tell now, and this
+    # store says nothing, so the first delivery of a copy runs (a real store reads it).
+    assert await run_through(leases, make_message(message_id="id-0")) == [b'{"order": 1}']
+    for n in (4, 5, 6):
+        assert await run_through(leases, make_message(message_id=f"id-{n}")) == []

@@ -94,9 +94,20 @@ def default_key(message: Message, vhost: str) -> str | None:
     message_id = message.message_id
     if not message_id:
         return None
-    parts = (vhost.encode(), message.queue.encode(), message_id.encode(), message.body)
-    # 128 bits: short rows, and no collision in sight.
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:32]
+    return _digest(_key_prefix(vhost, message.queue), message_id, message.body)
+
+
+def _key_prefix(vhost: str, queue: str) -> bytes:
+    return vhost.encode() + b"\0" + queue.encode() + b"\0"
+
+
+def _digest(prefix: bytes, message_id: str, body: bytes) -> str:
+    # sha256 of vhost, queue, message_id and body joined by NULs; 128 bits of it: short rows,
+    # and no collision in sight.
+    return _sha256(prefix + message_id.encode() + b"\0" + body).hexdigest()[:32]
+
+
+_sha256 = hashlib.sha256
 
 
 class Leases(Middleware):
@@ -122,7 +133,12 @@ class Leases(Middleware):
         self._owner = owner
         self._vhost = vhost
         self._consumers = consumers
-        self._keys = keys
+        # Per queue: its consumer's key function, or for the default key the queue's prefix
+        # of what it digests (encoded once, not per message).
+        self._keys: dict[str, KeyFunction | bytes] = {
+            queue: _key_prefix(vhost, queue) if custom is None else custom
+            for queue, custom in keys.items()
+        }
         self._lease = lease
         self._retention = retention
         self._tokens = (f"{owner}/{n}" for n in itertools.count(1))
@@ -184,37 +200,62 @@ class Leases(Middleware):
         headers = wire_headers(message)
         marker = headers.get(_headers.LEASE_TOKEN) if headers else None
         if marker is not None:
-            key: str | None = _headers.header_text((headers or {}).get(_headers.LEASE_KEY))
-            marker = _headers.header_text(marker)
-        elif message.queue in self._keys:
-            custom = self._keys[message.queue]
-            key = custom(message) if custom is not None else default_key(message, self._vhost)
-        else:
-            key = None
-        if key is None:
+            key = _headers.header_text((headers or {}).get(_headers.LEASE_KEY))
+            if key is None:
+                return call_next(message)
+            return self._run_keyed(message, key, _headers.header_text(marker), call_next)
+        keyed = self._keys.get(message.queue)
+        if keyed is None:
             return call_next(message)
-        return self._run_keyed(message, key, marker, call_next)
+        if type(keyed) is bytes:
+            message_id = message.message_id
+            if not message_id:
+                return call_next(message)
+            key = _digest(keyed, message_id, message.body)
+        else:
+            assert callable(keyed)
+            key = keyed(message)
+            if key is None:
+                return call_next(message)
+        behind = self._behind
+        if (
+            behind is None
+            or message.redelivered
+            or key in self._running
+            or key in self._done
+            or key in self._done_before
+        ):
+            return self._run_keyed(message, key, None, call_next)
+        # The common case, with no wait: a first delivery this worker has not seen run or
+        # complete. The broker says no earlier run of it exists, so its lease is written
+        # behind it, without reading the record first.
+        token = next(self._tokens)
+        behind.queue_begin(key, token, self._lease)
+        message.lease = (key, token)
+        self._running[key] = token
+        return self._run_first(message, behind, call_next)
+
+    async def _run_first(self, message: Message, behind: WriteBehind, call_next: CallNext) -> Any:
+        """Run a first delivery whose lease is written behind it (see :meth:`around_handler`)
+        and write its done record behind it too: no wait in this frame but the handler's."""
+        try:
+            result = await call_next(message)
+        except BaseException as error:
+            if message.lease is not None:
+                await self._finish(message, error)
+            raise
+        lease = message.lease
+        if lease is not None:
+            self._completed(message, lease)
+            behind.queue_complete(*lease, self._retention)
+        return result
 
     async def _run_keyed(
         self, message: Message, key: str, marker: str | None, call_next: CallNext
     ) -> Any:
-        behind = self._behind
-        if (
-            behind is not None
-            and marker is None
-            and not message.redelivered
-            and key not in self._running
-            and key not in self._done
-            and key not in self._done_before
-        ):
-            # The common case, with no wait: a first delivery this worker has not seen run
-            # or complete. The broker says no earlier run of it exists, so its lease is
-            # written behind it, without reading the record first.
-            token = next(self._tokens)
-            behind.queue_begin(key, token, self._lease)
-            message.lease = (key, token)
-            self._running[key] = token
-        elif not await self._admit(message, key, marker):
+        """Run a message whose record must be read first (a marker, a redelivery, a copy of a
+        run of this process) or whose store writes are waited for."""
+        if not await self._admit(message, key, marker):
             return None
         try:
             result = await call_next(message)
@@ -224,9 +265,9 @@ class Leases(Middleware):
             raise
         lease = message.lease
         if lease is not None:
-            if behind is not None:
+            if self._behind is not None:
                 self._completed(message, lease)
-                behind.queue_complete(*lease, self._retention)
+                self._behind.queue_complete(*lease, self._retention)
             else:
                 await self._finish(message, None)
         return result

@@ -179,13 +179,17 @@ def owner_gone(owner: str, *, host: str | None = None) -> bool:
 
 
 class _Rows:
-    """Rows written behind messages between two waited operations: leases (None: dropped,
-    its run ended first) and done records, each kind written by one statement."""
+    """Rows written behind messages between two waited operations: leases (key, token,
+    lease; None: dropped, its run ended first) and done records (key, token, retention),
+    each kind written by one statement."""
 
-    __slots__ = ("begins", "completes")
+    __slots__ = ("begins", "begun", "completes")
 
     def __init__(self) -> None:
-        self.begins: list[tuple[str, str, str, float] | None] = []
+        self.begins: list[tuple[str, str, float] | None] = []
+        # The index of each key's lease in begins, so that a run that ends before the batch
+        # is written costs one row, not two.
+        self.begun: dict[str, int] = {}
         self.completes: list[tuple[str, str, float]] = []
 
     def count(self) -> int:
@@ -218,9 +222,6 @@ class SQLiteLeaseStore:
         self._rows: _Rows | None = None
         self._flush: asyncio.Handle | asyncio.TimerHandle | None = None
         self._flush_later = False
-        # The pending batch's lease rows by key (their segment and index), so that a run that
-        # ends before the batch is written costs one row, not two.
-        self._unwritten_begins: dict[str, tuple[_Rows, int]] = {}
         self._host = socket.gethostname()
 
     # -- lifecycle
@@ -301,27 +302,25 @@ class SQLiteLeaseStore:
     def queue_begin(self, key: str, token: str, lease: float) -> None:
         """:meth:`begin`, written with the next batch; a failure is logged."""
         rows = self._behind()
-        begins = rows.begins
-        self._unwritten_begins[key] = (rows, len(begins))
-        begins.append((key, token, token.rpartition("/")[0], lease))
+        rows.begun[key] = len(rows.begins)
+        rows.begins.append((key, token, lease))
 
     def queue_complete(self, key: str, token: str, retention: float) -> None:
         """:meth:`complete`, written with the next batch; a failure is logged. A run that
         ends before its lease was written needs only its done record: the lease is dropped
         (nobody could have read it yet)."""
-        begun = self._unwritten_begins.pop(key, None)
+        rows = self._behind()
+        begun = rows.begun.pop(key, None)
         if begun is not None:
-            segment, index = begun
-            row = segment.begins[index]
+            row = rows.begins[begun]
             if row is not None and row[1] == token:
-                segment.begins[index] = None
-        self._behind().completes.append((key, token, retention))
+                rows.begins[begun] = None
+        rows.completes.append((key, token, retention))
 
     def _run_pending(self) -> None:
         self._flush = None
         batch, self._pending = self._pending, []
         self._rows = None
-        self._unwritten_begins.clear()
         if not batch:
             return
         if self._executor is None:
@@ -381,7 +380,11 @@ class SQLiteLeaseStore:
                 # The rows every message writes, one statement per kind for all of them;
                 # leases before done records, as they were queued.
                 assert isinstance(item, _Rows)
-                begins = [row for row in item.begins if row is not None]
+                # The owner is the token's prefix, taken here for the rows still written.
+                begins = [
+                    (key, token, token.rpartition("/")[0], lease)
+                    for key, token, lease in filter(None, item.begins)
+                ]
                 if begins:
                     db.execute(_BEGIN, (now, json.dumps(begins)))
                 if item.completes:
