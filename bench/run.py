@@ -894,8 +894,9 @@ def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[st
             "so the `Leases` middleware lets them through. Here the same W1 and W2 messages "
             "carry a unique `message_id` each (a UUID): with idempotency on (the default "
             "settings) each takes a lease in the SQLite store before its handler and writes a "
-            "done record after it, both written behind the message (20 ms of writes gathered "
-            "into one transaction; a run that ends before its lease is written costs one row), "
+            "done record after it, both written behind the message (up to 100 ms of writes "
+            "gathered into one transaction; a run that ends before its lease is written costs "
+            "one row), "
             "in the run's own fresh `state_dir`; off is `Settings(idempotency=False)` on the "
             "same messages. "
             "Medians over the rounds of this run. Cost per message: 1 / on - 1 / off, the time "
@@ -994,9 +995,10 @@ METHOD = """\
   pass through it. Two more steadyrabbit runs per round consume the same workload from a queue
   whose every message carries a unique `message_id` (a UUID set when filling): *ids,
   idempotency on* with the default settings (a lease in the SQLite store in `state_dir` before
-  the handler, a done record after it; WAL, `synchronous=NORMAL`, one transaction per
-  event-loop turn) and *ids, idempotency off* with `Settings(idempotency=False)`. The parent
-  checks that the on run left one done record per message in its store.
+  the handler, a done record after it; WAL, `synchronous=NORMAL`, written behind the
+  messages in one transaction per 100 ms) and *ids, idempotency off* with
+  `Settings(idempotency=False)`. The parent checks that the on run left one done record per
+  message in its store.
 - **raw pika**: `BlockingConnection`, `basic_qos(prefetch_count=...)`, `basic_consume` with a
   plain callback and `basic_ack` per message. **W2 is not applicable**: pika has no async
   handlers, and a callback that waits blocks the connection, so it handles one message at a

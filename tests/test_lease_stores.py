@@ -31,6 +31,7 @@ import redis.asyncio
 
 from steadyrabbit import ConfigurationError, Message
 from steadyrabbit import _idempotency as idempotency_module
+from steadyrabbit import _leases as leases_module
 from steadyrabbit._amqp import synthetic_delivery
 from steadyrabbit._idempotency import Leases, default_key, lease_store
 from steadyrabbit._inbox import PostgresInbox
@@ -630,6 +631,18 @@ async def test_a_run_that_ends_before_its_lease_is_written_costs_one_row(
     assert (report.records, report.running) == (2, 1)
 
 
+async def test_writes_behind_wait_for_their_batch_unless_written_now(
+    sqlite_store: SQLiteLeaseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(leases_module, "_WRITE_BEHIND_DELAY", 60.0)
+    sqlite_store.queue_complete("k", f"{this_process()}/1", 3600.0)
+    await asyncio.sleep(0.2)
+    assert sqlite_rows(sqlite_store.path) == {}
+    sqlite_store.write_now()
+    await eventually_true(lambda: "k" in sqlite_rows(sqlite_store.path))
+    assert sqlite_rows(sqlite_store.path)["k"] == ("done", f"{this_process()}/1")
+
+
 async def test_rows_written_behind_that_fail_are_logged_and_a_waited_operation_still_runs(
     sqlite_store: SQLiteLeaseStore,
     monkeypatch: pytest.MonkeyPatch,
@@ -670,12 +683,16 @@ class Recorded:
     description: str = "recorded"
     begins: list[tuple[str, str]] = field(default_factory=list)
     completes: list[tuple[str, str]] = field(default_factory=list)
+    written_now: int = 0
 
     def queue_begin(self, key: str, token: str, lease: float) -> None:
         self.begins.append((key, token))
 
     def queue_complete(self, key: str, token: str, retention: float) -> None:
         self.completes.append((key, token))
+
+    def write_now(self) -> None:
+        self.written_now += 1
 
 
 def recorded_leases(store: Recorded, keys: dict[str, Any] | None = None) -> Leases:
@@ -740,3 +757,11 @@ async def test_a_worker_remembers_at_least_its_latest_completions(
     assert await run_through(leases, make_message(message_id="id-0")) == [b'{"order": 1}']
     for n in (4, 5, 6):
         assert await run_through(leases, make_message(message_id=f"id-{n}")) == []
+
+
+async def test_a_lost_connection_or_channel_writes_what_is_held_back_at_once() -> None:
+    store = Recorded()
+    leases = recorded_leases(store)
+    leases.on_channel_lost("orders", RuntimeError("closed"))
+    leases.on_reconnecting("consume", "connection_lost", RuntimeError("reset"))
+    assert store.written_now == 2

@@ -127,8 +127,9 @@ class Leases(Middleware):
         retention: float,
     ) -> None:
         self._store = store
-        # The embedded store writes what every message writes behind it, in the loop turn's
-        # batch: a crash in the millisecond before the batch lands may run a message again.
+        # The embedded store writes what every message writes behind it, in a batch up to
+        # 100 ms later: a copy of a run that ended before its batch landed, redelivered to
+        # another process by then, may run again (see _leases._WRITE_BEHIND_DELAY).
         self._behind = store if isinstance(store, WriteBehind) else None
         self._owner = owner
         self._vhost = vhost
@@ -189,6 +190,22 @@ class Leases(Middleware):
                 await self._keeper
             self._keeper = None
         await self._store.close()
+
+    # -- a lost connection or channel
+
+    def on_reconnecting(self, role: str, cause: str, error: Exception) -> None:
+        self._write_now()
+
+    def on_channel_lost(self, queue: str, error: Exception) -> None:
+        self._write_now()
+
+    def _write_now(self) -> None:
+        # The broker requeues what this worker had not acked yet, and may hand it to another
+        # process at once: that process must find these runs' leases and done records, so
+        # what the embedded store holds back goes to the database now, not at its batch's
+        # delay.
+        if self._behind is not None:
+            self._behind.write_now()
 
     # -- each message
 
@@ -283,7 +300,7 @@ class Leases(Middleware):
                     if marker is None and not message.redelivered:
                         # A first delivery: the broker says no earlier run of it exists, so
                         # the lease is written without reading the record first (by the
-                        # embedded store in this turn's batch, not waited for).
+                        # embedded store in its next batch, not waited for).
                         if self._behind is not None:
                             self._behind.queue_begin(key, token, self._lease)
                         else:
