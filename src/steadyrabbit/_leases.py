@@ -333,46 +333,49 @@ class SQLiteLeaseStore:
         if not batch:
             return
         if self._executor is None:
-            _settle(batch, None, RuntimeError("the lease store is closed"))
+            _settle(batch, None, _rows_in(batch), RuntimeError("the lease store is closed"))
             return
         self._executor.submit(self._write, batch, asyncio.get_running_loop())
 
     def _write(self, batch: list[_Rows | _Waited], loop: asyncio.AbstractEventLoop) -> None:
         """On the store's thread: write ``batch``, then hand the outcomes back to the loop. A
         batch of rows alone that landed needs no word back: no loop wake-up."""
+        outcomes: list[tuple[bool, Any]] | None
         try:
-            outcomes, error = self._transaction(batch)
+            outcomes, lost, error = self._transaction(batch)
         except Exception as exc:  # noqa: BLE001 - the whole batch failed (locked, disk full)
-            outcomes, error = None, exc
-        if error is not None or any(type(item) is tuple for item in batch):
-            loop.call_soon_threadsafe(_settle, batch, outcomes, error)
+            outcomes, lost, error = None, _rows_in(batch), exc
+        if outcomes is None or lost or any(type(item) is tuple for item in batch):
+            loop.call_soon_threadsafe(_settle, batch, outcomes, lost, error)
 
     def _transaction(
         self, batch: list[_Rows | _Waited]
-    ) -> tuple[list[tuple[bool, Any]], BaseException | None]:
+    ) -> tuple[list[tuple[bool, Any]], int, BaseException | None]:
         """Run a batch in one transaction; if it fails, each item in its own, so that one bad
-        operation fails alone. Returns the waited operations' outcomes, in order, and the
-        error of rows written behind that could not be written (None if all were)."""
+        operation fails alone. Returns the waited operations' outcomes, in order, how many
+        rows written behind could not be written, and why."""
         db = self._db
         if db is None:
             raise RuntimeError("the lease store is not open")
         # One thread does every transaction (the executor has one worker): no lock needed.
         try:
-            return self._in_transaction(db, batch), None
+            return self._in_transaction(db, batch), 0, None
         except sqlite3.Error:
             if len(batch) == 1:
                 raise
         outcomes: list[tuple[bool, Any]] = []
+        lost = 0
         rows_error: BaseException | None = None
         for item in batch:
             try:
                 outcomes += self._in_transaction(db, [item])
             except sqlite3.Error as exc:
-                if type(item) is tuple:
-                    outcomes.append((False, exc))
-                else:
+                if isinstance(item, _Rows):
+                    lost += item.count()
                     rows_error = exc
-        return outcomes, rows_error
+                else:
+                    outcomes.append((False, exc))
+        return outcomes, lost, rows_error
 
     @staticmethod
     def _in_transaction(
@@ -537,13 +540,19 @@ _COMPLETE = (
 )
 
 
+def _rows_in(batch: list[_Rows | _Waited]) -> int:
+    return sum(item.count() for item in batch if isinstance(item, _Rows))
+
+
 def _settle(
     batch: list[_Rows | _Waited],
     outcomes: list[tuple[bool, Any]] | None,
+    lost: int,
     error: BaseException | None,
 ) -> None:
     """On the loop: settle the waited operations of ``batch`` by their ``outcomes`` (None:
-    all failed with ``error``), and log rows written behind that ``error`` kept out."""
+    all failed with ``error``), and log the ``lost`` rows written behind that ``error`` kept
+    out."""
     futures = [item[1] for item in batch if type(item) is tuple]
     if outcomes is None:
         assert error is not None
@@ -554,8 +563,7 @@ def _settle(
                 future.set_result(value)
             else:
                 future.set_exception(value)
-    lost = sum(item.count() for item in batch if isinstance(item, _Rows))
-    if error is not None and lost:
+    if lost:
         log.error(  # one line: the records are an optimisation of at-least-once, not a must
             "could not write %d lease record(s) (%s: %s); those messages may run again if "
             "they come back",
