@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +25,7 @@ import pytest
 
 from steadyrabbit import Decision, Message, Middleware, Outcome, Settings
 from tests._broker import BrokerNode, main_broker_ctl, start_node
+from tests._tls import CLIENT_NAME, Pki, make_pki, tls_conf
 
 MAIN_URL = os.environ.get("STEADYRABBIT_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 # Queues of this test session start with this, so that its clean-up never touches another's.
@@ -243,21 +247,56 @@ def _sweep_test_queues() -> Iterator[None]:
             Admin(MAIN_URL).delete(*names)
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """The private node's TLS listener (``amqps://localhost:port``) and the PKI behind it."""
+
+    port: int
+    pki: Pki
+
+    def url(self, query: str = "", *, host: str = "localhost", user: str = "guest:guest") -> str:
+        return f"amqps://{user}@{host}:{self.port}/%2F" + (f"?{query}" if query else "")
+
+
 @pytest.fixture(scope="session")
-def private_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerNode]:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), key_password="Open-Sesame-8472")
+
+
+@pytest.fixture(scope="session")
+def _tls_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def private_node(
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki, _tls_port: int
+) -> Iterator[BrokerNode]:
     """A private broker node: consumer_timeout 5 s, checked every second (channel tick), with
-    the management plugin (doctor reads it)."""
+    the management plugin (doctor reads it), and a TLS listener (see :func:`tls_listener`)."""
     base: Path = tmp_path_factory.mktemp("rabbit")
     node = start_node(
         base,
         consumer_timeout_ms=5000,
         channel_tick_interval_ms=1000,
-        plugins=["rabbitmq_management"],
+        plugins=["rabbitmq_management", "rabbitmq_auth_mechanism_ssl"],
+        extra_conf=tls_conf(pki, _tls_port),
     )
     try:
+        # The client certificate's common name logs in with EXTERNAL, without a password.
+        node.ctl("add_user", CLIENT_NAME, secrets.token_hex(16))
+        node.ctl("clear_password", CLIENT_NAME)
+        node.ctl("set_permissions", "-p", "/", CLIENT_NAME, ".*", ".*", ".*")
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_listener(private_node: BrokerNode, pki: Pki, _tls_port: int) -> TlsListener:
+    return TlsListener(_tls_port, pki)
 
 
 @pytest.fixture

@@ -30,8 +30,10 @@ from ._errors import (
     AccessRefusedError,
     AuthenticationError,
     BrokerUnreachableError,
+    CertificateError,
     ChannelClosedError,
     ClosedByUserError,
+    ConfigurationError,
     ConnectionLostError,
     MessageReturnedError,
     PublishRefusedError,
@@ -202,6 +204,8 @@ def translate_connection_error(exc: BaseException, address: BrokerAddress) -> St
         )
     if isinstance(exc, connection_workflow.AMQPConnectorStackTimeout):
         return ConnectionLostError(f"connecting to {where} timed out", cause="connect_failed")
+    if isinstance(exc, ssl.SSLError):
+        return _tls_refused(exc, where)
     if isinstance(exc, OSError):
         return ConnectionLostError(f"could not connect to {where}: {exc}", cause="connect_failed")
     return ConnectionLostError(f"connection to {where} failed: {exc!r}")
@@ -235,16 +239,19 @@ def _connection_parameters(
     address: BrokerAddress, *, heartbeat: int, connect_timeout: float, name: str
 ) -> pika.ConnectionParameters:
     ssl_options = None
+    credentials: pika.PlainCredentials | pika.credentials.ExternalCredentials
+    credentials = pika.PlainCredentials(address.username, address.password, erase_on_connect=False)
     if address.tls:
-        ssl_options = pika.SSLOptions(ssl.create_default_context(), address.host)
+        tls = address.tls_options
+        ssl_options = pika.SSLOptions(tls_context(address), tls.server_name or address.host)
+        if tls.external_auth:
+            credentials = pika.credentials.ExternalCredentials()
     timeout = address.connection_timeout or connect_timeout
     return pika.ConnectionParameters(
         host=address.host,
         port=address.port,
         virtual_host=address.vhost,
-        credentials=pika.PlainCredentials(
-            address.username, address.password, erase_on_connect=False
-        ),
+        credentials=credentials,
         heartbeat=address.heartbeat if address.heartbeat is not None else heartbeat,
         connection_attempts=1,
         retry_delay=0,
@@ -253,6 +260,72 @@ def _connection_parameters(
         ssl_options=ssl_options,
         client_properties={"connection_name": name, "product": "steadyrabbit"},
     )
+
+
+def tls_context(address: BrokerAddress) -> ssl.SSLContext:
+    """The TLS context of an ``amqps://`` address: the system's CAs or ``cacertfile``, the host
+    name checked unless ``verify=verify_none``, and a client certificate if given. A file that
+    cannot be read or a wrong passphrase is a :class:`ConfigurationError` in one sentence that
+    names the file, never the passphrase."""
+    tls = address.tls_options
+    where = f"TLS for {address.display}"
+    try:
+        context = ssl.create_default_context(cafile=tls.cacertfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"{where}: cannot use cacertfile {tls.cacertfile!r}: {_reason(exc)}"
+        ) from None
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.certfile is not None:
+        try:
+            context.load_cert_chain(tls.certfile, tls.keyfile, password=tls.key_password)
+        except (OSError, ssl.SSLError) as exc:
+            files = f"certfile {tls.certfile!r}" + (
+                f" and keyfile {tls.keyfile!r}" if tls.keyfile else ""
+            )
+            hint = " (or a wrong key_password)" if isinstance(exc, ssl.SSLError) else ""
+            raise ConfigurationError(f"{where}: cannot use {files}: {_reason(exc)}{hint}") from None
+    return context
+
+
+# OpenSSL's X509_V_ERR_* codes this client explains.
+_UNTRUSTED = {2, 18, 19, 20, 21}  # unknown issuer, self-signed, chain not trusted
+_EXPIRED = 10
+_NOT_YET_VALID = 9
+_HOST_MISMATCH = {62, 64}  # a host name, an IP address
+
+
+def _tls_refused(exc: ssl.SSLError, where: str) -> CertificateError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code in _UNTRUSTED:
+            why = "it is not signed by a CA this client trusts (give the URL cacertfile=...)"
+        elif code == _EXPIRED:
+            why = "it has expired"
+        elif code == _NOT_YET_VALID:
+            why = "it is not valid yet (is this machine's clock right?)"
+        elif code in _HOST_MISMATCH:
+            why = (
+                f"it was not issued for this host name ({exc.verify_message.rstrip('.')}); "
+                "use the name the certificate names, or server_name_indication=..."
+            )
+        else:
+            why = exc.verify_message or _reason(exc)
+        return CertificateError(f"TLS with {where} failed: the broker's certificate: {why}")
+    return CertificateError(
+        f"TLS with {where} failed: {_reason(exc)} (the broker may have refused this client's "
+        f"certificate)"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).replace("_", " ").lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 class AmqpConnection:
@@ -264,6 +337,7 @@ class AmqpConnection:
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[SteadyRabbitError] = loop.create_future()
         self._channels: weakref.WeakSet[AmqpChannel] = weakref.WeakSet()
+        self._read_check: asyncio.TimerHandle | None = None
         #: True while the broker blocks this connection's publishes (``connection.blocked``:
         #: a memory or disk alarm); nothing it publishes is confirmed meanwhile.
         self.blocked = False
@@ -287,6 +361,7 @@ class AmqpConnection:
         def on_open(raw: Any) -> None:
             connection = cls(raw, address)
             holder.append(connection)
+            connection._watch_reads()
             if not opened.done():
                 opened.set_result(connection)
 
@@ -316,8 +391,50 @@ class AmqpConnection:
             raise
 
     def _on_closed(self, exc: BaseException) -> None:
+        if self._read_check is not None:
+            self._read_check.cancel()
+            self._read_check = None
         if not self.closed.done():
             self.closed.set_result(translate_connection_error(exc, self.address))
+
+    def _watch_reads(self) -> None:
+        """Declare the broker dead after two heartbeat intervals in which nothing arrived.
+
+        pika checks only every heartbeat + 5 s, so a peer that vanished without a FIN or RST (a
+        black hole, a frozen broker) went unnoticed for up to 2 x heartbeat + 10 s. Here the
+        byte count pika keeps is looked at a few times per interval: a dead peer is declared
+        within two intervals and a fraction of a second, and the supervisor moves on.
+        """
+        heartbeat = self.negotiated_heartbeat
+        if heartbeat <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        tick = min(_READ_CHECK_MAX, heartbeat / 4)
+        limit = 2.0 * heartbeat
+        last_bytes = self.bytes_received
+        last_progress = last_tick = loop.time()
+
+        def check() -> None:
+            nonlocal last_bytes, last_progress, last_tick
+            now = loop.time()
+            received = self.bytes_received
+            # A late check means the loop itself stalled: the reader gets its turn first.
+            stalled = now - last_tick > 2 * tick
+            last_tick = now
+            if received != last_bytes or stalled:
+                last_bytes, last_progress = received, now
+            elif now - last_progress > limit:
+                self._read_check = None
+                silence = now - last_progress
+                self._raw._terminate_stream(  # type: ignore[attr-defined]  # pika's own way out
+                    pika.exceptions.AMQPHeartbeatTimeout(
+                        f"nothing received for {silence:.1f} s (heartbeat {heartbeat} s)"
+                    )
+                )
+                return
+            self._read_check = loop.call_later(tick, check)
+
+        self._read_check = loop.call_later(tick, check)
 
     @property
     def is_open(self) -> bool:
@@ -742,6 +859,8 @@ class AmqpChannel:
 
 
 _CLOSE_TIMEOUT = 5.0
+# How often, at most, the read watch looks for bytes from the broker (see _watch_reads).
+_READ_CHECK_MAX = 0.5
 
 
 @contextlib.asynccontextmanager

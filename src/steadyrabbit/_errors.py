@@ -7,6 +7,7 @@ The tree::
     ├── PermanentBrokerError       the broker refused something retrying cannot fix: stop
     │   ├── AuthenticationError    wrong user name or password
     │   ├── AccessRefusedError     no access to the virtual host or resource
+    │   ├── CertificateError       TLS failed: a certificate was refused, by us or the broker
     │   ├── TopologyConflictError  a queue or exchange exists with other properties
     │   └── PublishRefusedError    the broker refused a published message (nack, 403, 406)
     ├── BrokerUnreachableError     no broker answered within the first-connection budget
@@ -50,6 +51,11 @@ class AuthenticationError(PermanentBrokerError):
 
 class AccessRefusedError(PermanentBrokerError):
     """The user may not use this virtual host or resource."""
+
+
+class CertificateError(PermanentBrokerError):
+    """The TLS handshake failed: the broker's certificate did not verify (another CA, expired,
+    issued for another host name), or the broker refused this client's certificate."""
 
 
 class TopologyConflictError(PermanentBrokerError):

@@ -13,7 +13,32 @@ from urllib.parse import SplitResult, parse_qsl, unquote, unquote_plus, urlsplit
 from ._errors import ConfigurationError
 
 _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
-_QUERY_KEYS = {"heartbeat", "connection_timeout"}
+_NUMBER_KEYS = {"heartbeat", "connection_timeout"}
+# TLS, as RabbitMQ's URI spec names them (key_password is ours: the key file's passphrase).
+_TLS_KEYS = {
+    "cacertfile",
+    "certfile",
+    "keyfile",
+    "key_password",
+    "verify",
+    "server_name_indication",
+    "auth_mechanism",
+}
+_QUERY_KEYS = _NUMBER_KEYS | _TLS_KEYS
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """How an ``amqps://`` connection checks the broker and proves who it is (see
+    :func:`parse_url`). ``repr()`` never shows the key's passphrase."""
+
+    cacertfile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    key_password: str | None = field(default=None, repr=False)
+    verify: bool = True
+    server_name: str | None = None
+    external_auth: bool = False
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,7 @@ class BrokerAddress:
     password: str = field(repr=False)
     heartbeat: int | None = None
     connection_timeout: float | None = None
+    tls_options: TlsOptions = field(default_factory=TlsOptions)
 
     @property
     def tls(self) -> bool:
@@ -78,6 +104,7 @@ def parse_url(url: str) -> BrokerAddress:
     vhost = unquote(path) if path else "/"
     heartbeat: int | None = None
     connection_timeout: float | None = None
+    tls: dict[str, str] = {}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key not in _QUERY_KEYS:
             known = ", ".join(sorted(_QUERY_KEYS))
@@ -85,6 +112,14 @@ def parse_url(url: str) -> BrokerAddress:
                 f"malformed broker URL {shown!r}: unknown query parameter {key!r} "
                 f"(known: {known})"
             )
+        if key in _TLS_KEYS:
+            if parts.scheme != "amqps":
+                raise ConfigurationError(
+                    f"malformed broker URL {shown!r}: {key} is a TLS option, and TLS needs "
+                    f"an amqps:// URL"
+                )
+            tls[key] = value
+            continue
         try:
             number = float(value)
         except ValueError:
@@ -98,6 +133,7 @@ def parse_url(url: str) -> BrokerAddress:
         else:
             connection_timeout = number
     return BrokerAddress(
+        tls_options=_tls_options(tls, shown),
         scheme=parts.scheme,
         host=parts.hostname,
         port=port or _DEFAULT_PORTS[parts.scheme],
@@ -106,6 +142,36 @@ def parse_url(url: str) -> BrokerAddress:
         password=unquote(parts.password) if parts.password is not None else "guest",
         heartbeat=heartbeat,
         connection_timeout=connection_timeout,
+    )
+
+
+def _tls_options(given: dict[str, str], shown: str) -> TlsOptions:
+    verify = given.get("verify", "verify_peer")
+    if verify not in ("verify_peer", "verify_none"):
+        raise ConfigurationError(
+            f"malformed broker URL {shown!r}: verify must be verify_peer or verify_none"
+        )
+    mechanism = given.get("auth_mechanism", "plain").lower()
+    if mechanism not in ("plain", "external"):
+        raise ConfigurationError(
+            f"malformed broker URL {shown!r}: auth_mechanism must be plain or external"
+        )
+    certfile, keyfile = given.get("certfile"), given.get("keyfile")
+    if mechanism == "external" and certfile is None:
+        raise ConfigurationError(
+            f"malformed broker URL {shown!r}: auth_mechanism=external logs in with a client "
+            f"certificate: give certfile (and keyfile)"
+        )
+    if keyfile is not None and certfile is None:
+        raise ConfigurationError(f"malformed broker URL {shown!r}: keyfile needs certfile")
+    return TlsOptions(
+        cacertfile=given.get("cacertfile"),
+        certfile=certfile,
+        keyfile=keyfile,
+        key_password=given.get("key_password"),
+        verify=verify == "verify_peer",
+        server_name=given.get("server_name_indication"),
+        external_auth=mechanism == "external",
     )
 
 
