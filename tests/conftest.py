@@ -24,6 +24,7 @@ import pika.exceptions
 import pytest
 
 from steadyrabbit import Decision, Message, Middleware, Outcome, Settings
+from steadyrabbit.testing import Cluster, start_cluster
 from tests._broker import BrokerNode, main_broker_ctl, start_node
 from tests._tls import CLIENT_NAME, Pki, make_pki, tls_conf
 
@@ -297,6 +298,14 @@ def private_node(
 @pytest.fixture(scope="session")
 def tls_listener(private_node: BrokerNode, pki: Pki, _tls_port: int) -> TlsListener:
     return TlsListener(_tls_port, pki)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three private nodes joined into one cluster, shared by the whole run; a test that
+    stops or kills a node starts it again before it ends."""
+    with start_cluster(tmp_path_factory.mktemp("cluster"), 3) as nodes:
+        yield nodes
 
 
 @pytest.fixture

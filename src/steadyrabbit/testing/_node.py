@@ -57,7 +57,7 @@ from types import TracebackType
 
 from .._amqp import blocking_probe
 
-__all__ = ["BrokerNode", "find_rabbitmq_bin", "start_node"]
+__all__ = ["BrokerNode", "Cluster", "find_rabbitmq_bin", "start_cluster", "start_node"]
 
 #: Where Debian's and Ubuntu's ``rabbitmq-server`` package installs the scripts.
 DEBIAN_RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -352,6 +352,44 @@ class BrokerNode:
                 if self._finalizer is not None:
                     self._finalizer.detach()
 
+    def kill(self) -> None:
+        """SIGKILL the node's processes (a crash: nothing is flushed, no goodbye to peers)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+    def restart(self, timeout: float = 90) -> None:
+        """Start the node again, on its ports and data, after :meth:`stop` or :meth:`kill`;
+        returns once it takes AMQP connections."""
+        if self.is_running():
+            raise RuntimeError(f"node {self.nodename} is running")
+        self._launch()
+        self.wait_ready(timeout=timeout)
+
+    def _launch(self) -> None:
+        # PR_SET_PDEATHSIG fires when the *thread* that forked exits: only use it from the
+        # main thread (a node started from another thread relies on the finalizer).
+        preexec: Callable[[], None] | None = None
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(OSError):
+                preexec = _die_with_parent(ctypes.CDLL(None, use_errno=True))
+        with (self.home / "server.out").open("ab") as out:
+            self._proc = subprocess.Popen(
+                [str(self.rabbitmq_bin / "rabbitmq-server")],
+                cwd=self.home,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _kill_node, self._proc, self.home)
+
     def __enter__(self) -> BrokerNode:
         return self
 
@@ -374,6 +412,7 @@ def start_node(
     start_timeout: float = 90,
     trim_plugins_dir: bool = True,
     rabbitmq_bin: Path | str | None = None,
+    cookie: str | None = None,
 ) -> BrokerNode:
     """Start a private RabbitMQ node in a fresh directory under ``base_dir``.
 
@@ -388,6 +427,8 @@ def start_node(
     ``trim_plugins_dir`` (default) gives the node a plugins directory holding only the apps it
     needs (symlinks), which roughly halves the boot time of 3.10. ``rabbitmq_bin`` is the
     directory of ``rabbitmq-server`` and ``rabbitmqctl`` (default: :func:`find_rabbitmq_bin`).
+    ``cookie``: the Erlang cookie (default: a random one); nodes that are to form a cluster
+    share one (see :func:`start_cluster`).
     """
     plugin_list = list(plugins)
     for p in plugin_list:
@@ -414,6 +455,7 @@ def start_node(
                 plugins=plugin_list,
                 start_timeout=start_timeout,
                 trim_plugins_dir=trim_plugins_dir,
+                cookie=cookie,
             )
         except RuntimeError as exc:
             # A port we picked was taken between the check and the node's bind: try again
@@ -440,6 +482,7 @@ def _start_once(
     plugins: list[str],
     start_timeout: float,
     trim_plugins_dir: bool,
+    cookie: str | None,
 ) -> BrokerNode:
     server = bin_dir / "rabbitmq-server"
     nodename = f"srtest{os.getpid()}r{secrets.token_hex(4)}@localhost"
@@ -475,9 +518,9 @@ def _start_once(
     (home / "rabbitmq-env.conf").write_text(
         "# Private test node: used instead of /etc/rabbitmq/rabbitmq-env.conf\n"
     )
-    cookie = home / ".erlang.cookie"
-    cookie.write_text(secrets.token_hex(16).upper())
-    cookie.chmod(0o400)
+    cookie_file = home / ".erlang.cookie"
+    cookie_file.write_text(cookie or secrets.token_hex(16).upper())
+    cookie_file.chmod(0o400)
 
     env = clean_environ()
     env.update(
@@ -512,25 +555,8 @@ def _start_once(
         env=env,
     )
 
-    # PR_SET_PDEATHSIG fires when the *thread* that forked exits: only use it from the main
-    # thread (a node started from another thread relies on the finalizer).
-    preexec: Callable[[], None] | None = None
-    if threading.current_thread() is threading.main_thread():
-        with contextlib.suppress(OSError):
-            preexec = _die_with_parent(ctypes.CDLL(None, use_errno=True))
     t0 = time.monotonic()
-    with (home / "server.out").open("wb") as out:
-        node._proc = subprocess.Popen(
-            [str(server)],
-            cwd=home,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
-    node._finalizer = weakref.finalize(node, _kill_node, node._proc, home)
+    node._launch()
     try:
         node.wait_ready(timeout=start_timeout)
     except BaseException:
@@ -538,3 +564,91 @@ def _start_once(
         raise
     node.startup_seconds = time.monotonic() - t0
     return node
+
+
+@dataclass
+class Cluster:
+    """Private nodes joined into one RabbitMQ cluster (see :func:`start_cluster`)."""
+
+    nodes: list[BrokerNode]
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's ``amqp://guest:guest@127.0.0.1:PORT/%2F``, in order."""
+        return [node.url for node in self.nodes]
+
+    def node_on_port(self, port: int) -> BrokerNode:
+        (node,) = [n for n in self.nodes if n.port == port]
+        return node
+
+    def running(self) -> list[BrokerNode]:
+        return [n for n in self.nodes if n.is_running()]
+
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        """``rabbitmqctl`` against the first running node."""
+        return self.running()[0].ctl(*args, timeout=timeout)
+
+    def queue_leader(self, queue: str) -> BrokerNode:
+        """The node that leads quorum queue ``queue`` now."""
+        listing = self.ctl("list_queues", "name", "leader", "--no-table-headers", "--quiet")
+        for line in listing.splitlines():
+            name, _, leader = line.partition("\t")
+            if name == queue:
+                (node,) = [n for n in self.nodes if n.nodename == leader.strip()]
+                return node
+        raise LookupError(f"no queue {queue!r} in the cluster")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_cluster(base_dir: Path | str, size: int = 3, **node_options: object) -> Cluster:
+    """Start ``size`` private nodes (in parallel, with one cookie) and join them into one
+    cluster; ``node_options`` are :func:`start_node`'s. Returns once every node takes AMQP
+    connections as a member. Stop it with :meth:`Cluster.stop` (or a ``with`` block)."""
+    if size < 1:
+        raise ValueError("a cluster has at least one node")
+    cookie = secrets.token_hex(16).upper()
+    started: list[BrokerNode | BaseException] = [RuntimeError("not started")] * size
+
+    def start(index: int) -> None:
+        try:
+            started[index] = start_node(base_dir, cookie=cookie, **node_options)  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - raised below, after the others
+            started[index] = exc
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    nodes = [n for n in started if isinstance(n, BrokerNode)]
+    errors = [e for e in started if not isinstance(e, BrokerNode)]
+    if errors:
+        for node in nodes:
+            node.stop(graceful=False)
+        raise errors[0]
+    cluster = Cluster(nodes)
+    try:
+        first = nodes[0]
+        for node in nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("reset")
+            node.ctl("join_cluster", first.nodename)
+            node.start_app()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
