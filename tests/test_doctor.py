@@ -448,6 +448,10 @@ async def test_healthy_setup_has_no_warning_and_exits_0(
         "0 critical findings, 0 warnings",
     ):
         assert line in text.flat, text.stdout
+    # One node: the cluster checks say so and judge nothing (no replica is expected).
+    assert re.search(r"^✓ single node \S+: no cluster members or queue replicas to check$",
+                     text.stdout, re.MULTILINE), text.stdout
+    assert " replicas: " not in text.stdout
     assert f"queue {queue} consumer " in text.flat
 
     # (f) --json parses, with the same verdict and the facts behind it.
@@ -471,6 +475,14 @@ async def test_healthy_setup_has_no_warning_and_exits_0(
     assert consumer["heartbeat"] == 15
     assert document["alarms"] == []
     assert document["blocked_connections"] == []
+    [member] = document["nodes"]
+    assert member["running"] is True
+    assert member["partitions"] == []
+    assert [(p["name"], p["role"], p["type"]) for p in queue_report["placements"]] == [
+        (queue, "queue", "classic"),
+        (f"{queue}.dlq", "dead-letter", "classic"),
+    ]
+    assert queue_report["placements"][0]["node"] == member["name"]
     assert {f["level"] for f in document["findings"]} <= {"ok", "info"}
 
 
@@ -489,8 +501,9 @@ def test_without_management_says_what_it_could_not_check(queue_name: str) -> Non
     ) in result.flat
     assert f"✓ queue {queue_name}: 2 messages ready, 0 consumers" in result.flat
     not_checked = " ".join(result.stdout.split("\nnot checked:\n", 1)[1].split())
-    for item in ("unacked counts", "prefetch, ack mode", "retry queues", "alarms"):
+    for item in ("unacked counts", "prefetch, ack mode", "retry queues", "alarms", "the cluster"):
         assert item in not_checked, not_checked
+    assert "single node" not in result.stdout, "unknown without the management API"
 
     document = doctor(queue_name, "--url", MAIN_URL, "--json").json()
     assert document["management"]["available"] is False
@@ -500,6 +513,8 @@ def test_without_management_says_what_it_could_not_check(queue_name: str) -> Non
     assert queue_report["messages_ready"] == 2
     assert queue_report["consumers"] is None  # unknown, not "none"
     assert queue_report["type"] is None
+    assert document["nodes"] is None
+    assert queue_report["placements"] is None
 
 
 async def test_the_lease_store_and_how_long_runs_are_protected(tmp_path: Path) -> None:

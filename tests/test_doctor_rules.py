@@ -19,13 +19,18 @@ from steadyrabbit._ops.doctor.report import (
     Finding,
     IdempotencyReport,
     ManagementReport,
+    NodeReport,
+    PlacementReport,
     QueueReport,
     ServerReport,
 )
 from steadyrabbit._ops.doctor.rules import (
     alarm_findings,
     applicable_consumer_timeout,
+    cluster_findings,
     configured_findings,
+    delivery_limit,
+    delivery_limit_findings,
     handler_findings,
     heartbeat_findings,
     judge,
@@ -33,6 +38,7 @@ from steadyrabbit._ops.doctor.rules import (
     long_run_finding,
     management_finding,
     queue_findings,
+    replica_findings,
     store_findings,
     unlimited_prefetch_finding,
 )
@@ -476,6 +482,262 @@ def test_judge_puts_long_runs_and_the_store_after_the_worker_settings() -> None:
     text = format_report(seen)
     assert f"✗ idempotency store {REDIS} is not usable: connection refused" in text
     assert "fix: make the store reachable, or fix --idempotency-store" in " ".join(text.split())
+
+
+# -- the cluster, and where queues live ----------------------------------------------------------
+
+FROM_4 = (4, 0, 5)
+A, B, C = "rabbit@a", "rabbit@b", "rabbit@c"
+THREE = (NodeReport(A, True), NodeReport(B, True), NodeReport(C, True))
+
+
+def quorum(name: str = "jobs", role: Any = "queue", **facts: Any) -> PlacementReport:
+    """A quorum queue with a member on each of the three nodes, all online; ``facts`` changed."""
+    base = PlacementReport(
+        name=name,
+        role=role,
+        type="quorum",
+        leader=A,
+        members=(A, B, C),
+        online=(A, B, C),
+        arguments={"x-queue-type": "quorum"},
+    )
+    return replace(base, **facts)
+
+
+def classic(
+    name: str = "jobs", role: Any = "queue", node: str = A, **facts: Any
+) -> PlacementReport:
+    return replace(PlacementReport(name=name, role=role, type="classic", node=node), **facts)
+
+
+def family(*placements: PlacementReport) -> QueueReport:
+    """The queue "jobs" with its dead-letter and retry queues placed as given."""
+    return queue(type=placements[0].type, placements=placements)
+
+
+def test_a_single_node_says_so_and_judges_no_replicas() -> None:
+    single = (NodeReport(A, True),)
+    [finding] = cluster_findings(single)
+    assert (finding.level, finding.check) == ("ok", "cluster")
+    assert finding.title == f"single node {A}: no cluster members or queue replicas to check"
+    classics = family(classic(), classic("jobs.dlq", "dead-letter"))
+    assert replica_findings(classics, single, None) == []
+    # Unknown (no management API): nothing said here, the report lists it as not checked.
+    assert cluster_findings(None) == []
+    assert replica_findings(family(classic()), None, None) == []
+
+
+def test_three_healthy_nodes_and_a_replicated_family() -> None:
+    [finding] = cluster_findings(THREE)
+    assert (finding.level, finding.title) == ("ok", "cluster of 3 nodes: all running, no partition")
+    healthy = family(quorum(), quorum("jobs.dlq", "dead-letter"))
+    [replicated] = replica_findings(healthy, THREE, BEFORE_3_12)
+    assert (replicated.level, replicated.check) == ("ok", "replicas")
+    assert replicated.title == (
+        "queue jobs: replicated: jobs (quorum, 3 members online), jobs.dlq (quorum, 3 members "
+        "online)"
+    )
+
+
+def test_a_stopped_member_is_a_warning_while_a_majority_runs_and_critical_after() -> None:
+    one_down = (NodeReport(A, True), NodeReport(B, True), NodeReport(C, False))
+    [finding] = cluster_findings(one_down)
+    assert (finding.level, finding.check) == ("warning", "cluster-node")
+    assert finding.title == f"cluster node {C} is not running (2 of 3 running)"
+    assert finding.detail.startswith("A warning rather than critical because the running nodes")
+    assert "forget_cluster_node" in finding.fix
+    two_down = (NodeReport(A, True), NodeReport(B, False), NodeReport(C, False))
+    [finding] = cluster_findings(two_down)
+    assert finding.level == "critical"
+    assert finding.title == f"cluster nodes {B}, {C} are not running (1 of 3 running)"
+    assert finding.detail.startswith("Critical because the running nodes are not a majority")
+
+
+def test_a_partition_is_critical_and_each_pair_named_once() -> None:
+    split = (NodeReport(A, True, (C,)), NodeReport(B, True, (C,)), NodeReport(C, True, (A, B)))
+    [finding] = cluster_findings(split)
+    assert (finding.level, finding.check) == ("critical", "cluster-partition")
+    assert finding.title == f"network partition between cluster nodes: {A} | {C}, {B} | {C}"
+    assert "pause_minority" in finding.fix
+
+
+def test_a_classic_queue_on_a_cluster_is_not_replicated() -> None:
+    classics = family(classic(), classic("jobs.dlq", "dead-letter", B), quorum("jobs.retry.5000ms"))
+    [finding] = replica_findings(classics, THREE, BEFORE_3_12)
+    assert (finding.level, finding.check, finding.queue) == ("warning", "replicas", "jobs")
+    assert finding.title == (
+        f"queue jobs: not replicated (classic, one node each): jobs on {A}, jobs.dlq on {B}"
+    )
+    assert 'queue_type="quorum"' in finding.fix
+    # Its node stopped: the queue is unavailable.
+    one_down = (NodeReport(A, False), NodeReport(B, True), NodeReport(C, True))
+    [down] = replica_findings(family(classic()), one_down, BEFORE_3_12)
+    assert (down.level, down.title) == (
+        "critical",
+        f"queue jobs: jobs is unavailable: its node {A} is not running",
+    )
+
+
+def test_a_mirrored_classic_queue_is_replicated_until_rabbitmq_4() -> None:
+    mirrored = family(classic(policy="ha-all", effective_policy={"ha-mode": "all"}))
+    [finding] = replica_findings(mirrored, THREE, BEFORE_3_12)
+    assert (finding.level, finding.check) == ("info", "replicas")
+    assert "mirroring is gone in RabbitMQ 4.0" in finding.title
+    [finding] = replica_findings(mirrored, THREE, FROM_4)
+    assert finding.level == "warning", "4.0 ignores ha-mode: one node only"
+
+
+def test_a_quorum_queue_with_an_offline_member() -> None:
+    offline = family(quorum(online=(A, B)))
+    one_down = (NodeReport(A, True), NodeReport(B, True), NodeReport(C, False))
+    [finding] = replica_findings(offline, one_down, BEFORE_3_12)
+    assert (finding.level, finding.check) == ("warning", "replicas")
+    assert finding.title == f"quorum queue jobs: 2 of 3 members online (offline: {C})"
+    assert finding.detail.endswith("but one more member lost stops it.")
+    assert "rabbitmq-queues delete_member jobs <node>" in finding.fix
+    five = tuple(NodeReport(f"rabbit@{n}", True) for n in "abcde")
+    members = tuple(node.name for node in five)
+    [spare] = replica_findings(family(quorum(members=members, online=members[:4])), five, None)
+    assert "it survives 1 more member lost" in spare.detail
+
+
+def test_a_quorum_queue_without_a_majority_is_critical() -> None:
+    lost = family(quorum(online=(A,), leader=None))
+    [finding] = replica_findings(lost, THREE, BEFORE_3_12)
+    assert (finding.level, finding.title) == (
+        "critical",
+        "quorum queue jobs has no majority: 1 of 3 members online",
+    )
+    assert f"Offline: {B}, {C}." in finding.detail
+
+
+def test_a_quorum_queue_with_fewer_members_than_running_nodes() -> None:
+    [two] = replica_findings(family(quorum(members=(A, B), online=(A, B))), THREE, None)
+    assert (two.level, two.title) == (
+        "warning",
+        "quorum queue jobs has 2 members on a cluster of 3 running nodes: losing one stops it",
+    )
+    assert "rabbitmq-queues add_member jobs <node>" in two.fix
+    five = tuple(NodeReport(f"rabbit@{n}", True) for n in "abcde")
+    [three] = replica_findings(family(quorum()), five, None)
+    assert (three.level, three.title) == (
+        "info",
+        "quorum queue jobs has 3 members on a cluster of 5 running nodes",
+    )
+    assert three.detail.startswith("It survives 1 member lost")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "policy", "version", "reported", "expected"),
+    [
+        ({}, {}, BEFORE_3_12, None, (None, "none")),
+        ({}, {}, None, None, (None, "none")),
+        ({}, {}, FROM_4, None, (20, "RabbitMQ 4's default for quorum queues")),
+        ({"x-delivery-limit": 5}, {}, BEFORE_3_12, None, (5, "queue argument x-delivery-limit")),
+        ({}, {"delivery-limit": 7}, FROM_4, None, (7, "policy delivery-limit")),
+        ({"x-delivery-limit": 5}, {"delivery-limit": 7}, FROM_4, None, (5, "queue argument "
+         "x-delivery-limit and policy delivery-limit")),
+        ({"x-delivery-limit": -1}, {}, FROM_4, None, (None, "queue argument x-delivery-limit")),
+        ({"x-delivery-limit": -1}, {"delivery-limit": 7}, FROM_4, None, (7, "queue argument "
+         "x-delivery-limit and policy delivery-limit")),
+        ({}, {}, FROM_4, 30, (30, "reported by the broker")),
+        ({}, {}, FROM_4, "unlimited", (None, "reported by the broker")),
+    ],
+)  # fmt: skip
+def test_which_delivery_limit_applies(
+    arguments: dict[str, Any],
+    policy: dict[str, Any],
+    version: tuple[int, ...] | None,
+    reported: int | str | None,
+    expected: tuple[int | None, str],
+) -> None:
+    assert delivery_limit(arguments, policy, version, reported) == expected
+
+
+def test_a_quorum_queue_on_4_without_a_dead_letter_route_drops_after_20_deliveries() -> None:
+    own = family(
+        quorum(),
+        quorum("jobs.dlq", "dead-letter"),
+        quorum(
+            "jobs.retry.5000ms",
+            "retry",
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "jobs"},
+        ),
+    )
+    main, dlq = delivery_limit_findings(own, FROM_4)
+    assert (main.level, main.check, main.queue) == ("warning", "delivery-limit", "jobs")
+    assert main.title == (
+        "quorum queue jobs: a message delivered more than 20 times is dropped: no dead-letter route"
+    )
+    assert main.detail.startswith("delivery-limit 20 (RabbitMQ 4's default for quorum queues)")
+    assert "a worker that crashes or loses its connection holding the message" in main.detail
+    assert main.fix.startswith(
+        "add a dead-letter route to jobs.dlq by policy: rabbitmqctl set_policy jobs-dlx '^jobs$' "
+        """'{"dead-letter-exchange":"","dead-letter-routing-key":"jobs.dlq"}' --apply-to queues"""
+    )
+    assert dlq.title.startswith("quorum queue jobs.dlq: a message delivered more than 20 times")
+    assert "dlq list or dlq show" in dlq.detail
+    # The same queues on 3.x have no limit: nothing to say.
+    assert delivery_limit_findings(own, BEFORE_3_12) == []
+    assert delivery_limit_findings(own, None) == []
+
+
+def test_a_dead_letter_route_by_argument_or_policy_keeps_the_message() -> None:
+    by_policy = quorum(policy="dlx", effective_policy={"dead-letter-exchange": "dead"})
+    by_argument = quorum(arguments={"x-dead-letter-exchange": "dead"})
+    unlimited = quorum(arguments={"x-delivery-limit": -1})
+    for placement in (by_policy, by_argument, unlimited):
+        assert delivery_limit_findings(family(placement), FROM_4) == [], placement
+    # A classic queue has no delivery limit.
+    assert delivery_limit_findings(family(classic()), FROM_4) == []
+    # The policy fix says that it must be merged into the policy the queue already has.
+    [merged] = delivery_limit_findings(family(quorum(policy="lazy")), FROM_4)
+    assert merged.fix.endswith("(merged into its policy lazy: one policy applies)")
+
+
+def test_on_3_x_only_a_delivery_limit_set_without_a_route_is_said() -> None:
+    limited = family(quorum(policy="limit", effective_policy={"delivery-limit": 3}))
+    [finding] = delivery_limit_findings(limited, BEFORE_3_12)
+    assert finding.title == (
+        "quorum queue jobs: a message delivered more than 3 times is dropped: no dead-letter route"
+    )
+    assert finding.detail.startswith("delivery-limit 3 (policy delivery-limit); past it")
+
+
+def test_judge_puts_the_cluster_before_the_queues_and_replicas_after_each() -> None:
+    one_down = (NodeReport(A, True), NodeReport(B, True), NodeReport(C, False))
+    seen = report(
+        server=replace(report().server, version="4.0.5"),
+        nodes=one_down,
+        queues=(family(quorum(online=(A, B)), classic("jobs.dlq", "dead-letter", B)),),
+    )
+    seen = replace(seen, findings=judge(seen))
+    assert levels(list(seen.findings)) == [
+        ("ok", "heartbeat"),
+        ("ok", "management"),
+        ("info", "consumer-timeout"),
+        ("ok", "prefetch"),
+        ("warning", "cluster-node"),
+        ("ok", "queue"),
+        ("ok", "dead-letter"),
+        ("warning", "replicas"),
+        ("warning", "replicas"),
+        ("warning", "delivery-limit"),
+        ("ok", "alarms"),
+        ("ok", "blocked-connections"),
+    ]
+    document = seen.to_dict()
+    assert document["nodes"][2] == {"name": C, "running": False, "partitions": ()}
+    [placed] = document["queues"]
+    assert [p["name"] for p in placed["placements"]] == ["jobs", "jobs.dlq"]
+    assert placed["placements"][0]["online"] == (A, B)
+    text = format_report(seen)
+    assert f"cluster: 3 nodes: {A}, {B}, {C} (not running)" in text
+    assert (
+        f"queue jobs replicas: jobs quorum, leader {A}, members {A}, {B}, {C} (offline {C}); "
+        f"jobs.dlq classic on {B}"
+    ) in " ".join(text.split())
 
 
 # -- the checklist -------------------------------------------------------------------------------

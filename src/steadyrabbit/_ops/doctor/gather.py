@@ -4,7 +4,9 @@
 the negotiated heartbeat, and each queue's ready count and consumer count (passive
 declarations, which change nothing). The management HTTP API, when reachable and of the same
 cluster, adds queue types and arguments, unacked counts, the live consumers' prefetch and ack
-mode, retry queues, alarms and blocked connections. Whatever could not be checked is listed in
+mode, retry queues, alarms and blocked connections, and the cluster: its members (running,
+partitioned) and where each queue of the family (the queue, its dead-letter and retry queues)
+lives. Whatever could not be checked is listed in
 the report. The broker's version also says how long runs are protected
 (``_topology.long_run_protection``), and the lease store a worker would open is opened, read and
 closed (:func:`_lease_store`). Secrets never enter the report: URLs are masked.
@@ -48,6 +50,9 @@ from .report import (
     DoctorReport,
     IdempotencyReport,
     ManagementReport,
+    NodeReport,
+    PlacementReport,
+    PlacementRole,
     QueueReport,
     RetryQueueReport,
     ServerReport,
@@ -145,6 +150,42 @@ def _rate(stats: Any, key: str) -> float | None:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    return tuple(str(name) for name in value) if isinstance(value, list) else None
+
+
+# What the placement of a queue needs from the management API (a listing takes these columns).
+_PLACEMENT_COLUMNS = (
+    "name,type,node,leader,members,online,arguments,policy,effective_policy_definition,"
+    "delivery_limit"
+)
+
+
+def _placement(data: dict[str, Any], role: PlacementRole) -> PlacementReport:
+    """Where a queue lives, from its management API entry. A classic queue has a ``node``; a
+    quorum queue or a stream has ``members``, ``online`` and ``leader`` (its ``node`` is the
+    leader's too)."""
+    members = _names(data.get("members"))
+    limit = data.get("delivery_limit")
+    return PlacementReport(
+        name=str(data.get("name")),
+        role=role,
+        type=_text(data.get("type")),
+        node=_text(data.get("node")) if members is None else None,
+        leader=_text(data.get("leader")),
+        members=members,
+        online=_names(data.get("online")) if members is not None else None,
+        arguments=_dict(data.get("arguments")),
+        policy=_text(data.get("policy")),
+        effective_policy=_dict(data.get("effective_policy_definition")),
+        delivery_limit=limit if isinstance(limit, int | str) else None,
+    )
 
 
 class _Gatherer:
@@ -280,15 +321,24 @@ class _Gatherer:
             page_size=500,
             name=retry_queue_pattern(name),
             use_regex="true",
-            columns="name,messages",
+            columns=f"messages,{_PLACEMENT_COLUMNS}",
         )
         retry_queues = None
+        retry_items: list[dict[str, Any]] = []
         if isinstance(retry, dict):
+            retry_items = [item for item in retry.get("items") or [] if isinstance(item, dict)]
             retry_queues = tuple(
                 RetryQueueReport(str(item.get("name")), _int(item.get("messages")))
-                for item in retry.get("items") or []
-                if isinstance(item, dict)
+                for item in retry_items
             )
+        placements = [_placement(data, "queue")]
+        if report.dead_letter_queue_exists:
+            dlq_data = await self._api(
+                f"queues/{self.vhost}/{_quote(dlq)}", columns=_PLACEMENT_COLUMNS
+            )
+            if isinstance(dlq_data, dict):
+                placements.append(_placement(dlq_data, "dead-letter"))
+        placements += [_placement(item, "retry") for item in retry_items]
         timeout, source = applicable_consumer_timeout(
             arguments, policy, self.version, self.consumer_timeout
         )
@@ -314,6 +364,22 @@ class _Gatherer:
             retry_queues=retry_queues,
             consumer_timeout=timeout,
             consumer_timeout_source=source,
+            placements=tuple(placements),
+        )
+
+    async def nodes(self) -> tuple[NodeReport, ...] | None:
+        """The cluster's members: running or not, and the members each cannot see."""
+        nodes = await self._api("nodes", columns="name,running,partitions")
+        if not isinstance(nodes, list):
+            return None
+        return tuple(
+            NodeReport(
+                name=str(node.get("name")),
+                running=bool(node.get("running")),
+                partitions=_names(node.get("partitions")) or (),
+            )
+            for node in nodes
+            if isinstance(node, dict)
         )
 
     async def alarms(self) -> tuple[str, ...] | None:
@@ -506,6 +572,7 @@ async def diagnose(
                         dlx_exists[queue.name] = await channels.exchange_exists(
                             queue.dead_letter_exchange
                         )
+                nodes = await gatherer.nodes()
                 alarms = await gatherer.alarms()
                 states = await gatherer.blocked(name)
             finally:
@@ -521,6 +588,7 @@ async def diagnose(
             "the live consumers' prefetch, ack mode and heartbeats",
             "retry queues (<queue>.retry.<ms>ms)",
             "memory and disk alarms, blocked connections",
+            "the cluster: its members, partitions, and where each queue is replicated",
         ]
     not_checked.append(
         "the broker's consumer_timeout: the management API does not expose it (RabbitMQ "
@@ -554,5 +622,6 @@ async def diagnose(
         unreachable=tuple(unreachable),
         idempotency=store,
         long_runs=long_runs,
+        nodes=nodes,
     )
     return replace(seen, findings=judge(seen, dlx_exists))

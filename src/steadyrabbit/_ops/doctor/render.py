@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..._url import mask_url
-from .report import TIMES, DoctorReport, plural, seconds
+from .report import TIMES, DoctorReport, PlacementReport, plural, seconds
 
 __all__ = ["can_encode", "format_report"]
 
@@ -45,9 +45,19 @@ def format_report(report: DoctorReport, *, unicode: bool = True) -> str:
         f"consumer_timeout {seconds(report.consumer_timeout)}"
     )
     lines.extend(_wrap(line, "  ", "    "))
+    clustered = report.nodes is not None and len(report.nodes) > 1
+    if report.nodes is not None:
+        members = ", ".join(
+            node.name + ("" if node.running else " (not running)") for node in report.nodes
+        )
+        line = f"cluster: {plural(len(report.nodes), 'node')}: {members}"
+        lines.extend(_wrap(line, "  ", "    "))
     for queue in report.queues:
         if not queue.exists:
             continue
+        if clustered and queue.placements:
+            where = "; ".join(_placement(placement) for placement in queue.placements)
+            lines.extend(_wrap(f"queue {queue.name} replicas: {where}", "  ", "    "))
         if queue.arguments:
             line = f"queue {queue.name} arguments: {_arguments(queue.arguments)}"
             lines.extend(_wrap(line, "  ", "    "))
@@ -98,6 +108,18 @@ def can_encode(stream: Any, text: str = "✓✗≥" + TIMES) -> bool:
     except (UnicodeEncodeError, LookupError):
         return False
     return True
+
+
+def _placement(placement: PlacementReport) -> str:
+    """``jobs quorum, leader a, members a, b, c (offline c)`` or ``jobs.dlq classic on b``."""
+    kind = placement.type or "?"
+    if placement.members is None:
+        return f"{placement.name} {kind} on {placement.node or '?'}"
+    online = set(placement.online or ())
+    offline = [member for member in placement.members if member not in online]
+    text = f"{placement.name} {kind}, leader {placement.leader or 'none'}, members "
+    text += ", ".join(placement.members) or "none"
+    return text + (f" (offline {', '.join(offline)})" if offline else "")
 
 
 def _arguments(arguments: dict[str, Any]) -> str:

@@ -22,6 +22,8 @@ __all__ = [
     "IdempotencyReport",
     "Level",
     "ManagementReport",
+    "NodeReport",
+    "PlacementReport",
     "QueueReport",
     "RetryQueueReport",
     "ServerReport",
@@ -102,6 +104,45 @@ class RetryQueueReport:
 
 
 @dataclass(frozen=True)
+class NodeReport:
+    """A cluster member as ``/api/nodes`` shows it. ``partitions``: the members it cannot see
+    (a network partition); a stopped member reports none."""
+
+    name: str
+    running: bool
+    partitions: tuple[str, ...] = ()
+
+
+PlacementRole = Literal["queue", "dead-letter", "retry"]
+
+
+@dataclass(frozen=True)
+class PlacementReport:
+    """Where one queue of a consumed queue's family (the queue, its dead-letter queue, its
+    retry queues) lives, and what decides whether the broker may drop its messages.
+
+    ``node``: a classic queue's node; ``leader``, ``members`` and ``online``: a quorum queue's
+    (or a stream's) Raft leader, the nodes that hold a replica and those of them that answer.
+    ``arguments`` and ``effective_policy``: its ``x-`` arguments and the definition of the
+    policy that applies, for the delivery limit and the dead-letter route.
+    """
+
+    name: str
+    role: PlacementRole
+    type: str | None
+    node: str | None = None
+    leader: str | None = None
+    members: tuple[str, ...] | None = None
+    online: tuple[str, ...] | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    policy: str | None = None
+    effective_policy: dict[str, Any] = field(default_factory=dict)
+    #: The delivery limit as the broker reports it (newer brokers: a number or "unlimited");
+    #: None: not reported, the rules work it out from the arguments and the policy.
+    delivery_limit: int | str | None = None
+
+
+@dataclass(frozen=True)
 class QueueReport:
     """What doctor learned about one queue. None means "not known" (no management API)."""
 
@@ -125,6 +166,8 @@ class QueueReport:
     retry_queues: tuple[RetryQueueReport, ...] | None = None
     consumer_timeout: float | None = None
     consumer_timeout_source: str | None = None
+    #: The queue, then its dead-letter and retry queues that exist; None: not known.
+    placements: tuple[PlacementReport, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +243,8 @@ class DoctorReport:
     #: How a run longer than consumer_timeout is protected on this broker, in one sentence
     #: (``_topology.long_run_protection``, no handler's max_duration); None: not checked.
     long_runs: str | None = None
+    #: The cluster's members (one for a single node); None: not known (no management API).
+    nodes: tuple[NodeReport, ...] | None = None
 
     def count(self, level: Level) -> int:
         return sum(1 for finding in self.findings if finding.level == level)

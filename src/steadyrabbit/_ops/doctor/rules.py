@@ -7,12 +7,15 @@ the tests try every branch without a broker.
 They name the failure modes this project exists for when their conditions are present: a
 prefetched message that waits past ``consumer_timeout`` (PRECONDITION_FAILED, channel closed,
 everything redelivered), heartbeats off or too short, queues without a dead-letter route, alarms
-and blocked connections, ``x-consumer-timeout`` on a broker that ignores it.
+and blocked connections, ``x-consumer-timeout`` on a broker that ignores it; and on a cluster,
+stopped members, partitions, queues that live on one node, and quorum queues that drop a message
+delivered too often (RabbitMQ 4.x's default ``delivery-limit``) for want of a dead-letter route.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +25,8 @@ from .report import (
     Finding,
     IdempotencyReport,
     ManagementReport,
+    NodeReport,
+    PlacementReport,
     QueueReport,
     plural,
     seconds,
@@ -29,12 +34,17 @@ from .report import (
 
 __all__ = [
     "CONSUMER_TIMEOUT_ARGUMENT_SINCE",
+    "DEFAULT_DELIVERY_LIMIT",
+    "DEFAULT_DELIVERY_LIMIT_SINCE",
     "HEARTBEAT_MAX",
     "HEARTBEAT_MIN",
     "alarm_findings",
     "applicable_consumer_timeout",
+    "cluster_findings",
     "configured_findings",
     "consumer_timeout_finding",
+    "delivery_limit",
+    "delivery_limit_findings",
     "handler_findings",
     "heartbeat_findings",
     "judge",
@@ -42,6 +52,7 @@ __all__ = [
     "long_run_finding",
     "management_finding",
     "queue_findings",
+    "replica_findings",
     "store_findings",
     "unlimited_prefetch_finding",
     "unreachable_finding",
@@ -52,6 +63,14 @@ __all__ = [
 HEARTBEAT_MIN = 5
 HEARTBEAT_MAX = 20
 CONSUMER_TIMEOUT_ARGUMENT_SINCE = (3, 12)
+# From 4.0 a quorum queue without a delivery-limit of its own drops (or dead-letters) a message
+# delivered more than 20 times; before, it had no limit.
+DEFAULT_DELIVERY_LIMIT = 20
+DEFAULT_DELIVERY_LIMIT_SINCE = (4, 0)
+# Classic queue mirroring (ha-mode policies) was removed in 4.0: such a policy does nothing there.
+_MIRRORING_UNTIL = (4, 0)
+# A quorum queue of fewer members survives the loss of none of them.
+_QUORUM_MIN_MEMBERS = 3
 _SHOWN_NAMES = 3
 
 _NO_HEARTBEAT_DETECTION = (
@@ -86,6 +105,7 @@ def judge(
     if report.long_runs is not None:
         findings.append(long_run_finding(report.long_runs, report.server.release))
     findings += store_findings(report.idempotency)
+    findings += cluster_findings(report.nodes)
     for queue in report.queues:
         findings += queue_findings(
             queue,
@@ -95,6 +115,8 @@ def judge(
             report.consumer_timeout,
             exchanges.get(queue.name),
         )
+        findings += replica_findings(queue, report.nodes, report.server.release)
+        findings += delivery_limit_findings(queue, report.server.release)
     findings += alarm_findings(
         report.alarms, report.blocked_connections, report.blocking_connections
     )
@@ -718,4 +740,346 @@ def alarm_findings(
         )
     elif blocked is not None:
         findings.append(Finding("ok", "blocked-connections", "no blocked connections"))
+    return findings
+
+
+# -- the cluster, and where queues live ----------------------------------------------------------
+
+
+def cluster_findings(nodes: Sequence[NodeReport] | None) -> list[Finding]:
+    """The cluster's members: every one running, none partitioned. A single node says so and
+    nothing more; None (no management API) is not judged, the report lists it as not checked."""
+    if nodes is None:
+        return []
+    if len(nodes) == 1:
+        return [
+            Finding(
+                "ok",
+                "cluster",
+                f"single node {nodes[0].name}: no cluster members or queue replicas to check",
+            )
+        ]
+    findings: list[Finding] = []
+    split = _partitions(nodes)
+    if split:
+        findings.append(
+            Finding(
+                "critical",
+                "cluster-partition",
+                f"network partition between cluster nodes: {_names(split)}",
+                "Each side goes on alone: classic queues and their messages diverge, quorum "
+                "queues run only where a majority of their members is, and with the default "
+                "partition handling (ignore) the cluster does not heal by itself.",
+                "restore the network, then restart the nodes of the smaller side (rabbitmqctl "
+                "stop_app, then start_app) so that they rejoin; cluster_partition_handling = "
+                "pause_minority keeps it from happening again",
+            )
+        )
+    stopped = [node.name for node in nodes if not node.running]
+    if stopped:
+        running = len(nodes) - len(stopped)
+        # A majority of members running keeps quorum queues going (a warning: nothing stops
+        # yet, but the margin is gone); without one, they stop (critical).
+        majority = running * 2 > len(nodes)
+        shown = f"{running} of {len(nodes)} running"
+        title = (
+            f"cluster node {stopped[0]} is not running ({shown})"
+            if len(stopped) == 1
+            else f"cluster nodes {_names(stopped)} are not running ({shown})"
+        )
+        if majority:
+            detail = (
+                "A warning rather than critical because the running nodes are a majority: "
+                "quorum queues go on with the members they have there. But classic queues on "
+                "a stopped node are unavailable until it returns, and one more node lost can "
+                "leave quorum queues without a majority of members, and then they stop."
+            )
+        else:
+            detail = (
+                "Critical because the running nodes are not a majority: quorum queues with "
+                "members on the stopped nodes have lost their majority and take and deliver "
+                "nothing, and classic queues on those nodes are unavailable."
+            )
+        findings.append(
+            Finding(
+                "warning" if majority else "critical",
+                "cluster-node",
+                title,
+                detail,
+                "start it again (rabbitmqctl start_app, or the service, on that node), or "
+                "remove a node gone for good with rabbitmqctl forget_cluster_node",
+            )
+        )
+    if not findings:
+        findings.append(
+            Finding("ok", "cluster", f"cluster of {len(nodes)} nodes: all running, no partition")
+        )
+    return findings
+
+
+def _partitions(nodes: Sequence[NodeReport]) -> list[str]:
+    """``a | b`` for each pair of members that do not see each other, once (both sides list
+    the other in their ``partitions``)."""
+    pairs: list[str] = []
+    seen: set[frozenset[str]] = set()
+    for node in nodes:
+        for other in node.partitions:
+            pair = frozenset((node.name, other))
+            if pair not in seen:
+                seen.add(pair)
+                pairs.append(f"{node.name} | {other}")
+    return pairs
+
+
+def replica_findings(
+    queue: QueueReport, nodes: Sequence[NodeReport] | None, version: tuple[int, ...] | None
+) -> list[Finding]:
+    """Where ``queue`` and its dead-letter and retry queues live, on a cluster of two nodes or
+    more: a classic queue on one node only, a quorum queue short of members or with members
+    offline. Nothing on a single node, or when the placements or the members are not known."""
+    if nodes is None or len(nodes) < 2 or not queue.placements:
+        return []
+    running = [node.name for node in nodes if node.running]
+    name = queue.name
+    findings: list[Finding] = []
+    single: list[str] = []
+    replicated: list[str] = []
+    for placement in queue.placements:
+        if placement.members is not None:  # a quorum queue or a stream: Raft members
+            problems = _member_findings(name, placement, len(running))
+            findings += problems
+            if not problems:
+                replicated.append(
+                    f"{placement.name} ({placement.type or 'quorum'}, "
+                    f"{len(placement.members)} members online)"
+                )
+        elif placement.type == "classic":
+            node = placement.node or "one node"
+            mirrored = "ha-mode" in placement.effective_policy and (
+                version is None or version < _MIRRORING_UNTIL
+            )
+            if placement.node is not None and placement.node not in running:
+                findings.append(
+                    Finding(
+                        "critical",
+                        "replicas",
+                        f"queue {name}: {placement.name} is unavailable: its node {node} is "
+                        "not running",
+                        "A classic queue lives on one node only: until that node is back it "
+                        "can be neither consumed nor published to, and its messages are lost "
+                        "with that node's disk.",
+                        f'start {node}; then move to quorum queues (queue_type="quorum"), '
+                        "which keep a copy on several nodes",
+                        name,
+                    )
+                )
+            elif mirrored:
+                findings.append(
+                    Finding(
+                        "info",
+                        "replicas",
+                        f"queue {name}: {placement.name} is a mirrored classic queue (policy "
+                        f"{placement.policy}): mirroring is gone in RabbitMQ 4.0",
+                        "It is replicated on this broker; after an upgrade to 4.0 the policy's "
+                        f"ha-mode does nothing and it lives on {node} only.",
+                        'move to quorum queues (queue_type="quorum") before upgrading',
+                        name,
+                    )
+                )
+            else:
+                single.append(f"{placement.name} on {node}")
+    if single:
+        findings.append(
+            Finding(
+                "warning",
+                "replicas",
+                f"queue {name}: not replicated (classic, one node each): {_names(single)}",
+                f"On this cluster of {len(nodes)} nodes a classic queue still lives on one "
+                "node: while that node is down the queue and its messages are unavailable (a "
+                "worker reconnects to another node and finds nothing to consume), and they "
+                "are lost with its disk.",
+                "use quorum queues, which keep a copy on several nodes: a queue's type cannot "
+                'change, so drain these and declare them anew with queue_type="quorum" '
+                "(--queue-type quorum)",
+                name,
+            )
+        )
+    if replicated and not findings:
+        findings.append(
+            Finding("ok", "replicas", f"queue {name}: replicated: {_names(replicated)}", queue=name)
+        )
+    return findings
+
+
+def _member_findings(family: str, placement: PlacementReport, running: int) -> list[Finding]:
+    """A quorum queue's members: a majority online, none offline, as many as it needs."""
+    members = placement.members or ()
+    online = set(placement.online or ())
+    offline = [member for member in members if member not in online]
+    up = len(members) - len(offline)
+    label = f"{placement.type or 'quorum'} queue {placement.name}"
+    count = f"{up} of {len(members)} members online"
+    replace_member = (
+        f"rabbitmq-queues delete_member {placement.name} <node>, then rabbitmq-queues "
+        f"add_member {placement.name} <running node>"
+    )
+    if up * 2 <= len(members):
+        return [
+            Finding(
+                "critical",
+                "replicas",
+                f"{label} has no majority: {count}",
+                f"Offline: {_names(offline)}. A quorum queue takes and delivers messages only "
+                "while a majority of its members is online: it is stopped until enough of "
+                "them return.",
+                f"start the nodes of its offline members; a node gone for good: {replace_member}",
+                family,
+            )
+        ]
+    findings: list[Finding] = []
+    if offline:
+        spare = up - (len(members) // 2 + 1)
+        margin = (
+            f"it survives {plural(spare, 'more member')} lost"
+            if spare
+            else "one more member lost stops it"
+        )
+        findings.append(
+            Finding(
+                "warning",
+                "replicas",
+                f"{label}: {count} (offline: {_names(offline)})",
+                f"It goes on with the majority it has, but {margin}.",
+                f"start the nodes of its offline members; a node gone for good: {replace_member}",
+                family,
+            )
+        )
+    if len(members) < running:
+        grow = (
+            f"add members on the nodes without one: rabbitmq-queues add_member "
+            f"{placement.name} <node> (or rabbitmq-queues grow <node> all)"
+        )
+        if len(members) < _QUORUM_MIN_MEMBERS:
+            findings.append(
+                Finding(
+                    "warning",
+                    "replicas",
+                    f"{label} has {plural(len(members), 'member')} on a cluster of {running} "
+                    "running nodes: losing one stops it",
+                    "A quorum queue needs a majority of its members online, and one or two "
+                    "members have no spare (it was declared while the cluster was smaller, or "
+                    "with a small x-quorum-initial-group-size).",
+                    grow,
+                    family,
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    "info",
+                    "replicas",
+                    f"{label} has {len(members)} members on a cluster of {running} running nodes",
+                    f"It survives {plural((len(members) - 1) // 2, 'member')} lost; the other "
+                    "nodes hold no copy of it.",
+                    f"if every node should hold one, {grow}",
+                    family,
+                )
+            )
+    return findings
+
+
+def delivery_limit(
+    arguments: Mapping[str, Any],
+    policy: Mapping[str, Any],
+    version: tuple[int, ...] | None,
+    reported: int | str | None = None,
+) -> tuple[int | None, str]:
+    """The delivery limit of a quorum queue with these arguments and effective policy on a
+    broker of ``version``, and where it comes from; None: no limit (or not known).
+
+    ``reported``: what the broker itself says, when it does (a number, or "unlimited").
+    """
+    if isinstance(reported, int) and not isinstance(reported, bool):
+        return (reported if reported >= 0 else None), "reported by the broker"
+    if reported == "unlimited":
+        return None, "reported by the broker"
+    argument = _integer(arguments.get("x-delivery-limit"))
+    from_policy = _integer(policy.get("delivery-limit"))
+    if argument is not None and from_policy is not None:
+        # As RabbitMQ resolves them: the lower one, unless either is negative (4.x's -1, no
+        # limit), in which case the higher one.
+        value = (
+            max(argument, from_policy) if min(argument, from_policy) < 0
+            else min(argument, from_policy)
+        )
+        source = "queue argument x-delivery-limit and policy delivery-limit"
+    elif argument is not None:
+        value, source = argument, "queue argument x-delivery-limit"
+    elif from_policy is not None:
+        value, source = from_policy, "policy delivery-limit"
+    elif version is not None and version >= DEFAULT_DELIVERY_LIMIT_SINCE:
+        value, source = DEFAULT_DELIVERY_LIMIT, "RabbitMQ 4's default for quorum queues"
+    else:
+        return None, "none"
+    return (value if value >= 0 else None), source
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def delivery_limit_findings(queue: QueueReport, version: tuple[int, ...] | None) -> list[Finding]:
+    """A quorum queue of ``queue``'s family that drops a message delivered more than its
+    delivery limit times, for want of a dead-letter route: on 4.x every quorum queue has one
+    (20 by default); before, only one that sets it."""
+    findings: list[Finding] = []
+    for placement in queue.placements or ():
+        if placement.type != "quorum":
+            continue
+        policy = placement.effective_policy
+        if "x-dead-letter-exchange" in placement.arguments or "dead-letter-exchange" in policy:
+            continue
+        limit, source = delivery_limit(
+            placement.arguments, policy, version, placement.delivery_limit
+        )
+        if limit is None:
+            continue
+        if placement.role == "dead-letter":
+            why = (
+                "Each steadyrabbit dlq list or dlq show takes its messages and gives them back, "
+                "which the broker counts as a delivery before RabbitMQ 4.3, as it does a "
+                "consumer that crashes or disconnects holding them."
+            )
+            fix = (
+                f"give {placement.name} a dead-letter exchange of its own by policy "
+                "(dead-letter-exchange), or raise its policy delivery-limit"
+            )
+        else:
+            dlq = queue.dead_letter_queue
+            why = (
+                f"steadyrabbit counts a handler's failures itself and dead-letters by copy to "
+                f"{dlq}, but deliveries it never settles count too: a worker that crashes or "
+                "loses its connection holding the message (a crash loop before the crash guard "
+                "counts it), a consumer_timeout, a requeue by another consumer."
+            )
+            policy_name = f" (merged into its policy {placement.policy}: one policy applies)"
+            fix = (
+                f"add a dead-letter route to {dlq} by policy: rabbitmqctl set_policy "
+                f"{placement.name}-dlx '^{re.escape(placement.name)}$' "
+                f"'{{\"dead-letter-exchange\":\"\",\"dead-letter-routing-key\":\"{dlq}\"}}' "
+                "--apply-to queues"
+                + (policy_name if placement.policy else "")
+            )
+        findings.append(
+            Finding(
+                "warning",
+                "delivery-limit",
+                f"quorum queue {placement.name}: a message delivered more than {limit} times is "
+                "dropped: no dead-letter route",
+                f"delivery-limit {limit} ({source}); past it the broker drops the message "
+                f"without a trace. {why}",
+                fix,
+                queue.name,
+            )
+        )
     return findings
