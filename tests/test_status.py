@@ -93,7 +93,10 @@ async def test_status_json_follows_real_traffic(
     [consumer] = after["consumers"]
     assert consumer["queue"] == queue_name
     assert consumer["ready"] is True
-    assert (consumer["concurrency"], consumer["prefetch"]) == (3, 3)
+    # No prefetch of its own: the window follows the handlers (fast here: it grew).
+    assert consumer["concurrency"] == 3
+    assert consumer["prefetch"] > 3
+    assert consumer["prefetch_reason"].startswith("handlers take about")
     assert consumer["handled"] == 7, "every handler call, the failing ones too"
     assert (consumer["delivered"], consumer["acked"], consumer["succeeded"]) == (7, 7, 5)
     assert (consumer["retried"], consumer["dead_lettered"]) == (1, 1)

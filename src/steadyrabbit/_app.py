@@ -183,6 +183,9 @@ class HandlerSpec:
     max_duration: float | None = None
     #: Only one consumer of the queue at a time gets its messages (the queue argument
     #: ``x-single-active-consumer``); the others wait as hot standbys.
+    #: True when neither the consumer nor a default gave a prefetch: the window then follows
+    #: the measured handler durations (see :mod:`._window`); ``prefetch`` is where it starts.
+    adaptive_prefetch: bool = False
     single_active: bool = False
     #: This consumer's ``x-priority``: the broker delivers to the highest-priority consumers
     #: with room for more before the others. None: the broker's default (0).
@@ -300,8 +303,11 @@ class App:
         """Register the decorated function (sync or ``async def``) as the handler of ``queue``.
 
         ``concurrency`` handlers run at once (threads for a sync function, tasks for an async
-        one). ``prefetch`` defaults to ``concurrency`` so no message waits unstarted in this
-        process; a larger value is an explicit choice and can never be unlimited. Left out
+        one). Without ``prefetch``, the window the broker may send ahead follows the measured
+        handler durations: it starts at ``concurrency`` and lets as many messages wait as can
+        start within a second (at most 5 % of ``consumer_timeout``), up to 1,000, so a fast
+        handler is fed in bulk and a slow one has nothing waiting (see :mod:`._window`). A
+        ``prefetch`` of its own is used as it is and can never be unlimited. Left out
         (None), they take the defaults of :meth:`apply_defaults` (``steadyrabbit run
         --concurrency/--prefetch``, from the flags, the environment or the config file), else
         concurrency 1 and prefetch = concurrency.
@@ -450,6 +456,7 @@ class App:
             max_duration=None if max_duration is None else float(max_duration),
             single_active=single_active,
             priority=priority,
+            adaptive_prefetch=own_prefetch is None and self._window_defaults[1] is None,
         )
         self._specs.append(spec)
         return spec
@@ -473,7 +480,16 @@ class App:
             handler = spec.handler
             if spec.threaded is not None and threads != spec.concurrency:
                 handler = _ThreadedHandler(spec.threaded.fn, threads, spec.queue)
-            specs.append(replace(spec, handler=handler, concurrency=threads, prefetch=window))
+            adaptive = spec.own_prefetch is None and prefetch is None
+            specs.append(
+                replace(
+                    spec,
+                    handler=handler,
+                    concurrency=threads,
+                    prefetch=window,
+                    adaptive_prefetch=adaptive,
+                )
+            )
         self._specs[:] = specs
         self._window_defaults = (concurrency, prefetch)
 

@@ -62,6 +62,7 @@ from ._topology import (
     ensure_queue,
     retry_queue,
 )
+from ._window import AdaptiveWindow, wait_budget
 
 log = logging.getLogger("steadyrabbit")
 
@@ -123,6 +124,15 @@ class Consumer:
         self._tasks: dict[asyncio.Task[Any], Message] = {}
         self._aged_timer: asyncio.TimerHandle | None = None
         self._aged_after = settings.consumer_timeout * UNSTARTED_PATIENCE_SHARE
+        # Without a prefetch of its own, the window follows the handlers' durations, and a
+        # message that waited its budget unstarted goes back (see _window).
+        self._adaptive: AdaptiveWindow | None = None
+        self._window_changed = asyncio.Event()
+        if spec.adaptive_prefetch:
+            budget = wait_budget(settings.consumer_timeout)
+            self._adaptive = AdaptiveWindow(spec.concurrency, budget)
+            # A little before the budget: timers and the loop's turn add their share.
+            self._aged_after = min(self._aged_after, budget * 0.9)
         self._handoff_after = settings.consumer_timeout * HANDOFF_SHARE
         self._retry = spec.retry
         self._dead_letter_queue = dead_letter_queue(spec.queue, spec.queue_type)
@@ -207,7 +217,7 @@ class Consumer:
 
         async def open_channel() -> AmqpChannel:
             channel = await connection.channel()
-            await channel.qos(spec.prefetch)
+            await channel.qos(self.prefetch_window)
             return channel
 
         channel = self._channel
@@ -264,6 +274,8 @@ class Consumer:
             asyncio.ensure_future(self._cancelled_by_broker.wait()),
             asyncio.ensure_future(self._stopping.wait()),
         }
+        if self._adaptive is not None:
+            waiters.add(asyncio.ensure_future(self._keep_window(channel)))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -291,6 +303,39 @@ class Consumer:
                     "re-subscribing",
                     self.spec.queue,
                 )
+
+    async def _keep_window(self, channel: AmqpChannel) -> None:
+        """Send each new window to the broker (basic.qos), for as long as ``channel`` lives."""
+        assert self._adaptive is not None
+        sent = self.prefetch_window
+        try:
+            while True:
+                await self._window_changed.wait()
+                self._window_changed.clear()
+                window = self._adaptive.window
+                if window != sent:
+                    await channel.qos(window)
+                    sent = window
+                    log.info(
+                        "prefetch of %r is now %d: %s",
+                        self.spec.queue,
+                        window,
+                        self._adaptive.reason,
+                    )
+        except (ConnectionLostError, ChannelClosedError):
+            # The channel is going: the consumer's other waiter reports it.
+            await asyncio.shield(channel.closed)
+
+    @property
+    def prefetch_window(self) -> int:
+        """The prefetch in force: the adaptive window, or the consumer's own prefetch."""
+        return self.spec.prefetch if self._adaptive is None else self._adaptive.window
+
+    @property
+    def window_reason(self) -> str:
+        if self._adaptive is None:
+            return "set by the consumer or a default"
+        return self._adaptive.reason
 
     def _on_broker_cancel(self, consumer_tag: str) -> None:
         if consumer_tag == self._consumer_tag:
@@ -489,6 +534,8 @@ class Consumer:
             error = HandlerExit(exc)
             self._stats.handler_errors += 1
             self._log_failure(message, error, monotonic() - started)
+        if self._adaptive is not None and self._adaptive.observe(monotonic() - started):
+            self._window_changed.set()
         if message.blocked_loop and not await self._survived_stall(message):
             return False
         if error is None:
@@ -542,6 +589,18 @@ class Consumer:
             message = self._waiting.popleft()
             self._settlement.requeue(message)
             self._stats.requeued_aged += 1
+            if self._adaptive is not None:
+                # The handlers slowed down under a window sized for faster ones: the window
+                # has shrunk (or will at this run's end), and the message comes back later.
+                log.info(
+                    "returned %r to the queue unstarted: it waited %.2f s, its budget; "
+                    "prefetch is now %d (%s)",
+                    message,
+                    monotonic() - message.received_at,
+                    self._adaptive.window,
+                    self._adaptive.reason,
+                )
+                continue
             log.warning(
                 "returned %r to the queue unstarted: it waited %.0f s in prefetch, near the "
                 "broker's consumer_timeout; lower prefetch",
