@@ -303,8 +303,11 @@ def tls_listener(private_node: BrokerNode, pki: Pki, _tls_port: int) -> TlsListe
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Three private nodes joined into one cluster, shared by the whole run; a test that
-    stops or kills a node starts it again before it ends."""
-    with start_cluster(tmp_path_factory.mktemp("cluster"), 3) as nodes:
+    stops or kills a node starts it again before it ends. With the management plugin: doctor
+    reads the members and the queues' replicas from it."""
+    with start_cluster(
+        tmp_path_factory.mktemp("cluster"), 3, plugins=["rabbitmq_management"]
+    ) as nodes:
         yield nodes
 
 
