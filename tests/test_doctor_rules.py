@@ -596,6 +596,8 @@ def test_a_quorum_queue_with_an_offline_member() -> None:
     assert finding.title == f"quorum queue jobs: 2 of 3 members online (offline: {C})"
     assert finding.detail.endswith("but one more member lost stops it.")
     assert "rabbitmq-queues delete_member jobs <node>" in finding.fix
+    # A member on a stopped node is offline even while the API still lists it online.
+    assert replica_findings(family(quorum()), one_down, BEFORE_3_12) == [finding]
     five = tuple(NodeReport(f"rabbit@{n}", True) for n in "abcde")
     members = tuple(node.name for node in five)
     [spare] = replica_findings(family(quorum(members=members, online=members[:4])), five, None)

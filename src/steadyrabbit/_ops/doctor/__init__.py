@@ -2,8 +2,9 @@
 
 :func:`~.gather.diagnose` connects with the settings a worker would use and returns a
 :class:`~.report.DoctorReport`: what it saw (server, heartbeat, queues, consumers, alarms, how
-long runs are protected, the idempotency store) and a list of findings, each with a level (ok,
-info, warning, critical), a title, a detail and a one-line fix.
+long runs are protected, the idempotency store, the cluster's members and where each queue
+lives) and a list of findings, each with a level (ok, info, warning, critical), a title, a
+detail and a one-line fix.
 
 The package reads in the order a diagnosis runs:
 

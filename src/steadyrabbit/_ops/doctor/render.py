@@ -56,7 +56,8 @@ def format_report(report: DoctorReport, *, unicode: bool = True) -> str:
         if not queue.exists:
             continue
         if clustered and queue.placements:
-            where = "; ".join(_placement(placement) for placement in queue.placements)
+            running = {node.name for node in report.nodes or () if node.running}
+            where = "; ".join(_placement(placement, running) for placement in queue.placements)
             lines.extend(_wrap(f"queue {queue.name} replicas: {where}", "  ", "    "))
         if queue.arguments:
             line = f"queue {queue.name} arguments: {_arguments(queue.arguments)}"
@@ -110,12 +111,13 @@ def can_encode(stream: Any, text: str = "✓✗≥" + TIMES) -> bool:
     return True
 
 
-def _placement(placement: PlacementReport) -> str:
-    """``jobs quorum, leader a, members a, b, c (offline c)`` or ``jobs.dlq classic on b``."""
+def _placement(placement: PlacementReport, running: set[str]) -> str:
+    """``jobs quorum, leader a, members a, b, c (offline c)`` or ``jobs.dlq classic on b``; a
+    member on a node that is not running is offline, as the rules count it."""
     kind = placement.type or "?"
     if placement.members is None:
         return f"{placement.name} {kind} on {placement.node or '?'}"
-    online = set(placement.online or ())
+    online = set(placement.online or ()) & running
     offline = [member for member in placement.members if member not in online]
     text = f"{placement.name} {kind}, leader {placement.leader or 'none'}, members "
     text += ", ".join(placement.members) or "none"

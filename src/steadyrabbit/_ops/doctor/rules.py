@@ -839,14 +839,14 @@ def replica_findings(
     offline. Nothing on a single node, or when the placements or the members are not known."""
     if nodes is None or len(nodes) < 2 or not queue.placements:
         return []
-    running = [node.name for node in nodes if node.running]
+    running = {node.name for node in nodes if node.running}
     name = queue.name
     findings: list[Finding] = []
     single: list[str] = []
     replicated: list[str] = []
     for placement in queue.placements:
         if placement.members is not None:  # a quorum queue or a stream: Raft members
-            problems = _member_findings(name, placement, len(running))
+            problems = _member_findings(name, placement, running)
             findings += problems
             if not problems:
                 replicated.append(
@@ -911,11 +911,17 @@ def replica_findings(
     return findings
 
 
-def _member_findings(family: str, placement: PlacementReport, running: int) -> list[Finding]:
+def _member_findings(
+    family: str, placement: PlacementReport, running_nodes: set[str]
+) -> list[Finding]:
     """A quorum queue's members: a majority online, none offline, as many as it needs."""
     members = placement.members or ()
-    online = set(placement.online or ())
+    # A member on a node that is not running counts as offline whatever ``online`` says: after
+    # ``rabbitmqctl stop_app`` the node's Erlang VM still answers, and RabbitMQ 3.10 may list
+    # the member online for a while although it serves nothing.
+    online = set(placement.online or ()) & running_nodes
     offline = [member for member in members if member not in online]
+    running = len(running_nodes)
     up = len(members) - len(offline)
     label = f"{placement.type or 'quorum'} queue {placement.name}"
     count = f"{up} of {len(members)} members online"
