@@ -26,6 +26,9 @@ MODULES = {
     # The same consumer on messages that carry a message_id, idempotency on / off (spec).
     "steadyrabbit+ids+on": "steadyrabbit_consumer",
     "steadyrabbit+ids+off": "steadyrabbit_consumer",
+    # Each library at its own defaults (spec["defaults"]): no concurrency or prefetch given.
+    "steadyrabbit+defaults": "steadyrabbit_consumer",
+    "pika+defaults": "pika_consumer",
     "pika": "pika_consumer",
     "aio-pika": "aiopika_consumer",
     "aio-pika+uvloop": "aiopika_consumer",

@@ -50,6 +50,9 @@ class Probe:
         self.acked_count = 0
         self.first_start: float | None = None
         self.last_ack: float | None = None
+        # CPU time of the whole process (every thread), over the same span as the rate.
+        self.first_cpu: float | None = None
+        self.last_cpu: float | None = None
         self.rss: dict[str, float] = {}
         self._marks = {max(1, int(messages * share)): f"{share:.0%}" for share in rss_marks}
         self._lock = threading.Lock()
@@ -60,6 +63,7 @@ class Probe:
             with self._lock:
                 if self.first_start is None:
                     self.first_start = now
+                    self.first_cpu = time.process_time()
 
     def handled(self) -> bool:
         """Count one handled message; True when it was the last one."""
@@ -83,6 +87,7 @@ class Probe:
         """The last ack went out: stop the clock."""
         if self.last_ack is None:
             self.last_ack = time.perf_counter()
+            self.last_cpu = time.process_time()
             self.rss["100%"] = rss_mb()
 
     def result(self) -> dict[str, Any]:
@@ -94,6 +99,11 @@ class Probe:
             "handled": self.handled_count,
             "elapsed_s": elapsed,
             "msg_per_s": self.messages / elapsed if elapsed > 0 else None,
+            "cpu_s_per_10k": (
+                None
+                if self.first_cpu is None or self.last_cpu is None
+                else (self.last_cpu - self.first_cpu) / self.messages * 10_000
+            ),
             "rss_mb": dict(self.rss),
             # VmHWM and VmRSS are updated lazily and can disagree by a few pages: take the max.
             "peak_rss_mb": max([peak_rss_mb(), *self.rss.values()]),

@@ -53,11 +53,19 @@ QUEUE_PREFIX = "steadyrabbit-bench"
 # (the default) / off. Only in the workloads of ID_WORKLOADS.
 IDS_ON = "steadyrabbit+ids+on"
 IDS_OFF = "steadyrabbit+ids+off"
+# steadyrabbit+defaults / pika+defaults: each at its own defaults, no concurrency or prefetch
+# given (steadyrabbit: concurrency 1, the adaptive window; pika: no basic.qos). Only in W1.
+SR_DEFAULTS = "steadyrabbit+defaults"
+PIKA_DEFAULTS = "pika+defaults"
+DEFAULT_FRAMEWORKS = (SR_DEFAULTS, PIKA_DEFAULTS)
+DEFAULT_WORKLOADS = ("W1",)
 FRAMEWORKS = (
     "steadyrabbit",
     IDS_ON,
     IDS_OFF,
+    SR_DEFAULTS,
     "pika",
+    PIKA_DEFAULTS,
     "aio-pika",
     "aio-pika+uvloop",
     "faststream",
@@ -68,6 +76,8 @@ ID_WORKLOADS = ("W1", "W2")
 LABELS = {
     IDS_ON: "steadyrabbit, ids, idempotency on",
     IDS_OFF: "steadyrabbit, ids, idempotency off",
+    SR_DEFAULTS: "steadyrabbit at its defaults",
+    PIKA_DEFAULTS: "pika at its defaults",
 }
 BASELINE = "pika"
 PIKA_SEQUENTIAL_MESSAGES = 100
@@ -144,9 +154,12 @@ def display_name(framework: str) -> str:
 
 def frameworks_for(workload: Workload, frameworks: Sequence[str]) -> list[str]:
     """The frameworks that run ``workload``: the message_id variants only in ID_WORKLOADS."""
-    if workload.name in ID_WORKLOADS:
-        return list(frameworks)
-    return [f for f in frameworks if f not in ID_FRAMEWORKS]
+    return [
+        f
+        for f in frameworks
+        if (f not in ID_FRAMEWORKS or workload.name in ID_WORKLOADS)
+        and (f not in DEFAULT_FRAMEWORKS or workload.name in DEFAULT_WORKLOADS)
+    ]
 
 
 @dataclass
@@ -261,7 +274,7 @@ class Runner:
         self.tmp = Path(tempfile.mkdtemp(prefix="steadyrabbit-bench-"))
 
     def queues_of(self, framework: str, queue: str) -> list[str]:
-        if framework == "steadyrabbit" or framework in ID_FRAMEWORKS:
+        if framework.startswith("steadyrabbit"):
             return [queue, f"{queue}.dlq"]  # steadyrabbit declares the dead-letter queue
         if framework == "dramatiq":
             return [queue, f"{queue}.DQ", f"{queue}.XQ"]  # dramatiq's delay and dead queues
@@ -316,6 +329,8 @@ class Runner:
         }
         if framework in ID_FRAMEWORKS:
             spec["idempotency"] = ID_FRAMEWORKS[framework]
+        if framework in DEFAULT_FRAMEWORKS:
+            spec["defaults"] = True
         measurement = Measurement(framework, workload.name, round_, messages, ok=False)
         try:
             self.declare(framework, queue)
@@ -420,6 +435,16 @@ class Row:
     def median(self) -> float | None:
         return statistics.median(self.rates) if self.rates else None
 
+    @property
+    def cpu(self) -> float | None:
+        """Median CPU seconds (every thread of the consumer process) per 10,000 messages."""
+        values = [
+            m.extra["cpu_s_per_10k"]
+            for m in self.runs
+            if m.ok and m.extra.get("cpu_s_per_10k") is not None
+        ]
+        return statistics.median(values) if values else None
+
 
 def summarize(
     measurements: Sequence[Measurement], workloads: Sequence[Workload], frameworks: Sequence[str]
@@ -464,8 +489,8 @@ def _fmt_rate(value: float | None) -> str:
 def results_table(rows: Sequence[Row]) -> str:
     lines = [
         "| workload | framework | median msg/s | spread (min-max) | x raw pika | % of ideal "
-        "| peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| CPU s / 10k msgs | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         workload = row.workload
@@ -493,9 +518,10 @@ def results_table(rows: Sequence[Row]) -> str:
         else:
             ideal = ""
         peak = f"{row.peak_rss:.1f}" if row.peak_rss is not None else "-"
+        cpu = f"{row.cpu:.2f}" if row.cpu is not None else "-"
         lines.append(
             f"| {workload.name} | {display_name(row.framework)} | {rate} | {spread} | {ratio} "
-            f"| {ideal} | {peak} |"
+            f"| {ideal} | {cpu} | {peak} |"
         )
     return "\n".join(lines)
 
@@ -681,6 +707,8 @@ def targets(rows: Sequence[Row]) -> list[str]:
 
     ratio_target("pika", 1.5, " (raw pika)")
     ratio_target("pika", 1.5, " (raw pika)", IDS_ON, " with ids and idempotency on")
+    ratio_target("pika", 2.0, " (raw pika, p100/c100 both)", "steadyrabbit", " at p100/c100")
+    ratio_target(PIKA_DEFAULTS, 1.0, " (each at its defaults)", SR_DEFAULTS, " at the defaults")
     ratio_target("aio-pika", 3.0)
     ratio_target("aio-pika+uvloop", 3.0, " (stricter: the same event loop as steadyrabbit)")
     for name in ("W2", "W3"):

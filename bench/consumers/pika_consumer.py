@@ -25,7 +25,8 @@ def run(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
     params.blocked_connection_timeout = 30
     connection = pika.BlockingConnection(params)
     channel = connection.channel()
-    channel.basic_qos(prefetch_count=int(spec["prefetch"]))
+    if not spec.get("defaults"):  # pika's default: no basic.qos, an unlimited prefetch
+        channel.basic_qos(prefetch_count=int(spec["prefetch"]))
     kind = spec["handler"]
     delay = float(spec.get("sleep", 0.0))
     extra: dict[str, Any] = {}

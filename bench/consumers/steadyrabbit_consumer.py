@@ -102,13 +102,13 @@ async def _consume(spec: dict[str, Any], probe: Probe, state_dir: Path, idempote
                 all_handled.set()
 
     app = App()
-    app.add_consumer(
-        handler,
-        spec["queue"],
-        concurrency=int(spec["concurrency"]),
-        prefetch=int(spec["prefetch"]),
-        decode="json" if kind == "json" else None,
+    # "defaults": no concurrency or prefetch given, as a new user would run it.
+    window = (
+        {}
+        if spec.get("defaults")
+        else {"concurrency": int(spec["concurrency"]), "prefetch": int(spec["prefetch"])}
     )
+    app.add_consumer(handler, spec["queue"], decode="json" if kind == "json" else None, **window)
     settings = Settings(
         urls=(spec["url"],),
         connect_timeout=5.0,

@@ -128,6 +128,7 @@ class Consumer:
         # message that waited its budget unstarted goes back (see _window).
         self._adaptive: AdaptiveWindow | None = None
         self._window_changed = asyncio.Event()
+        self._window_sent = spec.prefetch  # the QoS of the current channel
         if spec.adaptive_prefetch:
             budget = wait_budget(settings.consumer_timeout)
             self._adaptive = AdaptiveWindow(spec.concurrency, budget)
@@ -217,7 +218,9 @@ class Consumer:
 
         async def open_channel() -> AmqpChannel:
             channel = await connection.channel()
-            await channel.qos(self.prefetch_window)
+            window = self.prefetch_window
+            await channel.qos(window)
+            self._window_sent = window
             return channel
 
         channel = self._channel
@@ -307,15 +310,16 @@ class Consumer:
     async def _keep_window(self, channel: AmqpChannel) -> None:
         """Send each new window to the broker (basic.qos), for as long as ``channel`` lives."""
         assert self._adaptive is not None
-        sent = self.prefetch_window
         try:
             while True:
-                await self._window_changed.wait()
+                # Set already if the window moved since the channel's QoS was sent.
+                if self._adaptive.window == self._window_sent:
+                    await self._window_changed.wait()
                 self._window_changed.clear()
                 window = self._adaptive.window
-                if window != sent:
+                if window != self._window_sent:
                     await channel.qos(window)
-                    sent = window
+                    self._window_sent = window
                     log.info(
                         "prefetch of %r is now %d: %s",
                         self.spec.queue,
