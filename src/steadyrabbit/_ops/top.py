@@ -36,7 +36,7 @@ _CLEAR = "\x1b[H\x1b[2J"
 _BOLD, _GREEN, _YELLOW, _RED, _RESET = "\x1b[1m", "\x1b[32m", "\x1b[33m", "\x1b[31m", "\x1b[0m"
 _ERRNO = re.compile(r"^\[Errno -?\d+\]\s*")
 #: Columns of a queue's row besides its name, with the DUP column.
-_ROW_WITH_DUP = 54
+_ROW_WITH_DUP = 62
 
 
 # -- fetching ------------------------------------------------------------------------------------
@@ -248,11 +248,11 @@ def _queues(
     if not consumers:
         return ["no consumers"]
     before = {c.get("queue"): c for c in (previous or {}).get("consumers", [])}
-    name_width = max(5, min(max(len(str(c.get("queue", ""))) for c in consumers), width - 46))
+    name_width = max(5, min(max(len(str(c.get("queue", ""))) for c in consumers), width - 54))
     # DUP (duplicates suppressed) comes last, where there is room: a long name keeps its width.
     dup = name_width + _ROW_WITH_DUP <= width
     lines = [
-        f"{'QUEUE':<{name_width}}  {'RUNNING':>9}  {'WAITING':>7}  {'HANDLED':>8}  "
+        f"{'QUEUE':<{name_width}}  {'RUNNING':>9}  {'WAITING':>7}  {'WINDOW':>6}  {'HANDLED':>8}  "
         f"{'MSG/S':>7}  {'OLDEST':>6}" + (f"  {'DUP':>5}" if dup else "")
     ]
     bar_width = max(4, min(40, width - 34))
@@ -266,7 +266,8 @@ def _queues(
         duplicates = f"  {consumer.get('duplicates', 0):>5}" if dup else ""
         lines.append(
             f"{_clip(queue, name_width):<{name_width}}  {running:>9}  "
-            f"{consumer.get('waiting', 0):>7}  {handled:>8}  {throughput:>7}  "
+            f"{consumer.get('waiting', 0):>7}  {consumer.get('prefetch', '?'):>6}  "
+            f"{handled:>8}  {throughput:>7}  "
             f"{_duration(consumer.get('oldest_unacked_age_seconds')):>6}{duplicates}{flag}"
         )
         ages: list[float] = consumer.get("in_flight_ages_seconds", [])
