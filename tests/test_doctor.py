@@ -422,11 +422,14 @@ async def test_healthy_setup_has_no_warning_and_exits_0(
     queue = unique("healthy")
     app = App()
 
-    @app.consumer(queue, concurrency=2)
+    @app.consumer(queue, concurrency=2, prefetch=2)  # a fixed window, to be seen as it is
     def handle(message: Message) -> None:
         time.sleep(0.1)
 
-    args = [queue, *node_args(node), "--concurrency", "2", "--handler-seconds", "0.5"]
+    args = [
+        queue, *node_args(node), "--concurrency", "2", "--prefetch", "2",
+        "--handler-seconds", "0.5",
+    ]  # fmt: skip
 
     async with Worker(app, make_settings(node.url, heartbeat=15)):
         await node_admin.run(node_admin.publish, queue, [b"{}"] * 4)

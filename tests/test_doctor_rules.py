@@ -769,3 +769,16 @@ class _Stream:
 )
 def test_can_encode(encoding: str | None, expected: bool) -> None:
     assert can_encode(_Stream(encoding)) is expected
+
+
+def test_an_unset_prefetch_is_described_as_the_adaptive_window() -> None:
+    from steadyrabbit._ops.doctor.rules import adaptive_window_finding
+
+    fast = adaptive_window_finding(1, 0.0001, 1800)
+    assert fast.level == "ok"
+    assert "the window settles at 1000" in fast.title
+    slow = adaptive_window_finding(4, 70, 1800)
+    assert "the window settles at 4" in slow.title
+    assert "none is sent ahead" in slow.title
+    unknown = adaptive_window_finding(2, None, 5)
+    assert "no message waits more than 0.25 s unstarted" in unknown.title

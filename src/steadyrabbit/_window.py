@@ -42,14 +42,13 @@ def wait_budget(consumer_timeout: float) -> float:
 class AdaptiveWindow:
     """The prefetch window of one consumer (see the module documentation)."""
 
-    __slots__ = ("_average", "_high", "budget", "cap", "concurrency", "reason", "window")
+    __slots__ = ("_average", "_high", "budget", "cap", "concurrency", "window")
 
     def __init__(self, concurrency: int, budget: float, cap: int = WINDOW_CAP) -> None:
         self.concurrency = concurrency
         self.budget = budget
         self.cap = max(cap, concurrency)
         self.window = concurrency
-        self.reason = "no handler has finished yet: the window is the concurrency"
         self._average = 0.0
         self._high = 0.0
 
@@ -66,7 +65,6 @@ class AdaptiveWindow:
         moved = target >= min(window * _GROW_AT, self.cap) or target <= window * _SHRINK_AT
         if moved and target != window:
             self.window = target
-            self.reason = self._explain()
             return target
         return None
 
@@ -75,7 +73,11 @@ class AdaptiveWindow:
         waiting = math.floor(self.budget / 2 * self.concurrency / per_run)
         return max(self.concurrency, min(self.cap, self.concurrency + waiting))
 
-    def _explain(self) -> str:
+    @property
+    def reason(self) -> str:
+        """Why the window is what it is, in one sentence (made when asked, not per run)."""
+        if self._average == 0.0:
+            return "no handler has finished yet: the window is the concurrency"
         per_run = max(self._average, self._high)
         if self.window == self.concurrency:
             return (

@@ -537,6 +537,7 @@ async def diagnose(
         raise ConfigurationError("prefetch must be >= 0 (0: unlimited)")
     if handler_seconds is not None and not (handler_seconds > 0 and math.isfinite(handler_seconds)):
         raise ConfigurationError("handler duration must be > 0 seconds")
+    adaptive = prefetch is None
     prefetch = concurrency if prefetch is None else prefetch
     # Validate a given management URL before connecting to anything.
     management_target(settings.addresses[0], management_url)
@@ -623,5 +624,6 @@ async def diagnose(
         idempotency=store,
         long_runs=long_runs,
         nodes=nodes,
+        adaptive_prefetch=adaptive,
     )
     return replace(seen, findings=judge(seen, dlx_exists))

@@ -238,6 +238,8 @@ class DoctorReport:
     not_checked: tuple[str, ...]
     findings: tuple[Finding, ...]
     unreachable: tuple[str, ...] = field(default=())
+    #: No --prefetch given: the worker's window follows its handler durations.
+    adaptive_prefetch: bool = False
     #: The lease store; None: not checked.
     idempotency: IdempotencyReport | None = None
     #: How a run longer than consumer_timeout is protected on this broker, in one sentence

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..._window import WINDOW_CAP, AdaptiveWindow, wait_budget
 from .report import (
     TIMES,
     DoctorReport,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_DELIVERY_LIMIT_SINCE",
     "HEARTBEAT_MAX",
     "HEARTBEAT_MIN",
+    "adaptive_window_finding",
     "alarm_findings",
     "applicable_consumer_timeout",
     "cluster_findings",
@@ -99,9 +101,17 @@ def judge(
     findings += heartbeat_findings(report.heartbeat_requested, report.heartbeat_negotiated)
     findings.append(management_finding(report.management))
     findings.append(consumer_timeout_finding(report.consumer_timeout))
-    findings += configured_findings(
-        report.prefetch, report.concurrency, report.handler_seconds, report.consumer_timeout
-    )
+    if report.adaptive_prefetch:
+        findings += handler_findings(report.handler_seconds, report.consumer_timeout, None)
+        findings.append(
+            adaptive_window_finding(
+                report.concurrency, report.handler_seconds, report.consumer_timeout
+            )
+        )
+    else:
+        findings += configured_findings(
+            report.prefetch, report.concurrency, report.handler_seconds, report.consumer_timeout
+        )
     if report.long_runs is not None:
         findings.append(long_run_finding(report.long_runs, report.server.release))
     findings += store_findings(report.idempotency)
@@ -335,6 +345,27 @@ def handler_findings(handler: float | None, timeout: float, queue: str | None) -
             )
         ]
     return []
+
+
+def adaptive_window_finding(concurrency: int, handler: float | None, timeout: float) -> Finding:
+    """No prefetch given: what the worker's adaptive window does with these handlers."""
+    budget = wait_budget(timeout)
+    if handler is None:
+        return Finding(
+            "ok",
+            "prefetch",
+            f"prefetch adaptive (not set): starts at the concurrency {concurrency} and follows "
+            f"the measured handler durations, up to {WINDOW_CAP}, so that no message waits "
+            f"more than {seconds(budget)} unstarted",
+        )
+    window = AdaptiveWindow(concurrency, budget)
+    window.observe(handler)
+    return Finding(
+        "ok",
+        "prefetch",
+        f"prefetch adaptive (not set): with handlers of {seconds(handler)}, the window settles "
+        f"at {window.window} ({window.reason})",
+    )
 
 
 def configured_findings(
