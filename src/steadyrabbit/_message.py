@@ -234,9 +234,12 @@ def persistent_copy(
 
 
 def fingerprint(message: Message, vhost: str) -> str:
-    """Identify a delivery across redeliveries: by message id if it has one, else by content."""
+    """Identify a delivery across redeliveries: by message id if it has one, else by content,
+    and by attempt. A retry copy carries its original's id: without the attempt, the copy,
+    redelivered, would be taken for its original's redelivery (settled by that original's
+    confirmed copy, without running: lost)."""
     digest = hashlib.sha256()
-    for part in (vhost, message.queue, message.message_id or ""):
+    for part in (vhost, message.queue, message.message_id or "", str(message.attempt)):
         digest.update(part.encode())
         digest.update(b"\0")
     if not message.message_id:
