@@ -92,6 +92,7 @@ async def test_json_logs_carry_an_iso_time_and_the_messages_facts_as_fields(
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 @pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("level", ["info", "debug"])
 async def test_a_failed_attempt_is_one_plain_line_and_its_traceback_is_debug(

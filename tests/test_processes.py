@@ -31,8 +31,11 @@ import pytest
 from tests.conftest import MAIN_URL, Admin, eventually
 from tests.test_cli import LOG_RECORD, PASSWORD, assert_error, steadyrabbit
 
+# Each test starts worker processes and waits on them: the file takes over a minute, more than
+# the everyday pass can spare; the slow pass (CI) runs it.
 pytestmark = [
     pytest.mark.anyio,
+    pytest.mark.slow,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers in /proc"),
 ]
 

@@ -14,7 +14,7 @@ from steadyrabbit import App, Message, Retry, RetryPolicy, Worker
 from tests._broker import close_connections_of
 from tests.conftest import Admin, MakeSettings, Settled, eventually
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def test_a_retried_copy_redelivered_unstarted_still_runs(

@@ -55,6 +55,7 @@ class Recovered(Middleware):
             self.connected.set()
 
 
+@pytest.mark.slow
 async def test_an_exchange_binding_routes_and_is_declared_again_after_recovery(
     queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
@@ -92,6 +93,7 @@ async def test_an_exchange_binding_routes_and_is_declared_again_after_recovery(
         admin.delete_exchange(orders)
 
 
+@pytest.mark.slow
 async def test_single_active_consumer_delivers_to_one_worker_and_conflicts_are_one_sentence(
     queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
@@ -128,6 +130,7 @@ async def test_single_active_consumer_delivers_to_one_worker_and_conflicts_are_o
         admin.delete(plain, f"{plain}.dlq")
 
 
+@pytest.mark.slow
 async def test_the_higher_priority_consumer_gets_the_messages_while_it_has_room(
     queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:
