@@ -450,6 +450,7 @@ async def test_a_handler_running_past_stuck_after_alerts_once(
 
 
 @pytest.mark.private_node
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 async def test_a_channel_closed_by_consumer_timeout_alerts_once(
     private_node: BrokerNode,
     private_admin: Admin,

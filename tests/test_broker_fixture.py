@@ -163,6 +163,7 @@ def test_failed_start_raises_with_the_log(tmp_path: Path) -> None:
 
 
 @pytest.mark.private_node
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 def test_stop_is_idempotent_and_leaves_nothing(tmp_path: Path) -> None:
     with start_node(tmp_path) as n:  # leaving the block stops it
         pid, port = n.pid, n.port
@@ -196,6 +197,7 @@ time.sleep(600)
 
 
 @pytest.mark.private_node
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 def test_node_dies_with_a_killed_test_process(tmp_path: Path) -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path), str(REPO)],

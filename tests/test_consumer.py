@@ -32,6 +32,7 @@ from tests.conftest import MAIN_URL, Admin, MakeSettings, Settled, eventually
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 async def test_seed2_sync_handler_blocking_past_heartbeats_is_acked_once(
     queue_name: str, admin: Admin, make_settings: MakeSettings
 ) -> None:

@@ -1037,6 +1037,7 @@ def big_dlq(admin: Admin, queue_name: str) -> list[bytes]:
 @pytest.mark.parametrize(
     ("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"]
 )
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 def test_an_interrupted_replay_exits_non_zero_then_another_brings_every_message_back_once(
     admin: Admin,
     queue_name: str,

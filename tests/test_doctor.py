@@ -210,6 +210,7 @@ class RawConsumer:
 
 
 @needs_node
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 async def test_seed1_unlimited_prefetch_with_slow_handler_is_critical_and_real(
     node: BrokerNode, node_admin: Admin
 ) -> None:

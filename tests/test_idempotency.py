@@ -253,6 +253,7 @@ def start_long_app(tmp_path: Path, queue: str, log: Path) -> subprocess.Popen[by
         return subprocess.Popen(command, cwd=ROOT, env=environment, stderr=stderr)
 
 
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 async def test_a_job_whose_worker_is_killed_after_its_hand_off_is_finished_by_another(
     queue_name: str, admin: Admin, tmp_path: Path
 ) -> None:

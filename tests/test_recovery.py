@@ -28,6 +28,7 @@ def queue(private_admin: Admin, request: pytest.FixtureRequest) -> str:
     return name
 
 
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 async def test_seed1_backlog_with_a_slow_handler_never_trips_consumer_timeout(
     private_node: BrokerNode, private_admin: Admin, queue: str, node_settings: MakeSettings
 ) -> None:

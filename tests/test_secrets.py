@@ -151,6 +151,7 @@ def run_relay(
     return served
 
 
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 def test_no_output_anywhere_shows_the_password(
     user: str, queue_name: str, target: str, tmp_path: Path, admin: Admin
 ) -> None:

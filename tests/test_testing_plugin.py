@@ -54,6 +54,7 @@ def readme_files() -> dict[str, str]:
 
 @pytest.mark.private_node
 @pytest.mark.timeout(240)
+@pytest.mark.slow  # waits out broker timeouts or processes: CI's slow pass
 def test_the_readme_example_and_the_fixtures_pass(pytester: pytest.Pytester) -> None:
     files = readme_files()
     assert sorted(files) == ["conftest.py", "test_orders.py"]
