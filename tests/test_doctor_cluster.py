@@ -22,9 +22,8 @@ from steadyrabbit.testing import BrokerNode, Cluster
 from tests.conftest import Admin
 from tests.test_doctor import EXIT_OK, Result, doctor, unique
 
-# The cluster's start (about 25 s) does not fit in the everyday run's budget: the slow pass runs
-# these, as it does tests/test_cluster.py.
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# On the run's one shared cluster (the fixture `cluster` in conftest.py), as tests/test_cluster.py.
+pytestmark = [pytest.mark.cluster]
 
 QUORUM = {"x-queue-type": "quorum"}
 

@@ -91,7 +91,6 @@ async def expired_broker(pki: Pki) -> AsyncIterator[int]:
         yield int(server.sockets[0].getsockname()[1])
 
 
-@pytest.mark.slow
 @pytest.mark.private_node
 @pytest.mark.parametrize(
     ("case", "expected"),
@@ -128,7 +127,6 @@ async def test_an_expired_broker_certificate_is_one_line_and_exit_1(
     assert pki.key_password not in result.stdout + result.stderr
 
 
-@pytest.mark.slow
 def test_a_wrong_passphrase_or_a_missing_file_is_a_usage_error_without_the_passphrase(
     pki: Pki,
 ) -> None:

@@ -599,8 +599,23 @@ class Cluster:
         raise LookupError(f"no queue {queue!r} in the cluster")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        """Stop every node, all at once: one after the other, each stop waits out the
+        others' goodbyes (about 8 s a node on a three-node cluster)."""
+        errors: list[BaseException] = []
+
+        def stop(node: BrokerNode) -> None:
+            try:
+                node.stop()
+            except BaseException as exc:  # noqa: BLE001 - raised below, after the others
+                errors.append(exc)
+
+        threads = [threading.Thread(target=stop, args=(node,)) for node in self.nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Cluster:
         return self
