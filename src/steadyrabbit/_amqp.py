@@ -39,6 +39,7 @@ from ._errors import (
     PublishRefusedError,
     SteadyRabbitError,
 )
+from ._frames import read_deliveries
 from ._headers import PUBLISH_ID
 from ._properties import Properties
 from ._url import BrokerAddress
@@ -359,6 +360,7 @@ class AmqpConnection:
         holder: list[AmqpConnection] = []
 
         def on_open(raw: Any) -> None:
+            read_deliveries(raw)
             connection = cls(raw, address)
             holder.append(connection)
             connection._watch_reads()
