@@ -54,11 +54,16 @@ QUEUE_PREFIX = "steadyrabbit-bench"
 IDS_ON = "steadyrabbit+ids+on"
 IDS_OFF = "steadyrabbit+ids+off"
 # steadyrabbit+defaults / pika+defaults: each at its own defaults, no concurrency or prefetch
-# given (steadyrabbit: concurrency 1, the adaptive window; pika: no basic.qos). Only in W1.
+# given (steadyrabbit: 16 tasks for an async handler, 1 thread for a sync one, the adaptive
+# window; pika: no basic.qos, the handler in its callback, one message at a time). W1-W4 (W5
+# is about a prefetch of 10,000).
 SR_DEFAULTS = "steadyrabbit+defaults"
 PIKA_DEFAULTS = "pika+defaults"
 DEFAULT_FRAMEWORKS = (SR_DEFAULTS, PIKA_DEFAULTS)
-DEFAULT_WORKLOADS = ("W1",)
+DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4")
+# At the defaults a sleeping handler runs with few slots: fewer messages keep those runs short
+# (steadyrabbit's W2: 16 slots, about 300 msg/s; W3: 1 thread, about 20 msg/s).
+DEFAULTS_SLEEP_MESSAGES = {"async_sleep": 2_000, "sync_sleep": 200}
 FRAMEWORKS = (
     "steadyrabbit",
     IDS_ON,
@@ -306,9 +311,14 @@ class Runner:
     def measure(self, framework: str, workload: Workload, round_: int) -> Measurement:
         messages = self.args.messages_for[workload.name]
         extra: dict[str, Any] = {}
-        if framework == BASELINE and workload.handler == "async_sleep":
+        sleeps = workload.handler in DEFAULTS_SLEEP_MESSAGES
+        if (framework == BASELINE and workload.handler == "async_sleep") or (
+            framework == PIKA_DEFAULTS and sleeps
+        ):
             messages = min(messages, self.args.pika_sequential_messages)
             extra["mode"] = "sequential"
+        elif framework == SR_DEFAULTS and sleeps:
+            messages = min(messages, DEFAULTS_SLEEP_MESSAGES[workload.handler])
         slug = framework.replace("+", "-")
         queue = f"{QUEUE_PREFIX}.{self.run_id}.{workload.name}.{slug}.r{round_}"
         timeout = self.child_timeout(messages)
@@ -324,6 +334,7 @@ class Runner:
             "sleep": workload.sleep,
             "rss_marks": list(workload.rss_marks),
             "timeout": timeout,
+            "mode": extra.get("mode"),
             "loop": "uvloop" if framework.endswith("+uvloop") else "asyncio",
             "result_file": str(self.tmp / f"{queue}.json"),
         }
@@ -634,6 +645,32 @@ def idempotency_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) if found else ""
 
 
+def defaults_table(rows: Sequence[Row]) -> str:
+    """Each workload with both libraries at their defaults, side by side."""
+    lines = [
+        "| workload | steadyrabbit at its defaults | pika at its defaults | ratio "
+        "| steadyrabbit tuned (this run) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    found = False
+    for name in DEFAULT_WORKLOADS:
+        by_framework = {
+            row.framework: row.median
+            for row in rows
+            if row.workload.name == name and row.framework in (*DEFAULT_FRAMEWORKS, "steadyrabbit")
+        }
+        ours, theirs = by_framework.get(SR_DEFAULTS), by_framework.get(PIKA_DEFAULTS)
+        if ours is None and theirs is None:
+            continue
+        found = True
+        ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
+        lines.append(
+            f"| {name} | {_fmt_rate(ours)} | {_fmt_rate(theirs)} | {ratio} "
+            f"| {_fmt_rate(by_framework.get('steadyrabbit'))} |"
+        )
+    return "\n".join(lines) if found else ""
+
+
 # What a perfect consumer could do on this machine: the same number of slots sleeping the
 # same time in a loop, with no broker and no framework. Filled by calibrate() in main().
 CEILINGS: dict[str, float] = {}
@@ -911,6 +948,22 @@ def write_benchmarks(args: argparse.Namespace, rows: Sequence[Row], run: dict[st
         "640 msg/s). Peak RSS: the highest of the rounds (VmHWM of the consumer's process).",
         "",
     ]
+    at_defaults = defaults_table(rows)
+    if at_defaults:
+        parts += [
+            "### At the defaults",
+            "",
+            at_defaults,
+            "",
+            "Each library as a new user runs it, no concurrency or prefetch given: "
+            "steadyrabbit runs an async handler as 16 tasks and a sync one in 1 thread, with "
+            "the adaptive prefetch window; raw pika sends no `basic.qos` (an unlimited "
+            "prefetch) and runs the handler in its callback, one message at a time. With "
+            "sleeping handlers (W2, W3) the runs are shorter (steadyrabbit: W2 2,000, W3 200 "
+            "messages; pika: 100). Tuned: steadyrabbit's row in the table above (W1, W4: "
+            "prefetch and concurrency 100; W2: 100 tasks; W3: 32 threads).",
+            "",
+        ]
     cost = idempotency_table(rows)
     if cost:
         parts += [
@@ -1198,6 +1251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if memory:
         print("\nW5 memory (MB):", file=table_out)
         print(memory, file=table_out)
+    at_defaults = defaults_table(rows)
+    if at_defaults:
+        print("\nAt the defaults:", file=table_out)
+        print(at_defaults, file=table_out)
     cost = idempotency_table(rows)
     if cost:
         print("\nIdempotency cost (messages with a message_id):", file=table_out)

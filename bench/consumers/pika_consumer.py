@@ -4,7 +4,8 @@ Handlers are plain callbacks on the connection's thread. pika has no async handl
 async workload (W2) runs sequentially here (``spec["mode"] == "sequential"``: one blocking
 ``time.sleep`` per message). The blocking workload (W3) uses pika's documented thread pattern:
 the handler runs in a pool of ``concurrency`` threads and the ack is handed back to the
-connection's thread with ``connection.add_callback_threadsafe``.
+connection's thread with ``connection.add_callback_threadsafe``; at pika's defaults
+(``spec["defaults"]``, with ``mode`` sequential) it runs in the callback like W2's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def run(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
         if probe.acked():
             channel.stop_consuming()
 
-    if kind == "sync_sleep":
+    if kind == "sync_sleep" and spec.get("mode") != "sequential":
         pool = ThreadPoolExecutor(int(spec["concurrency"]))
 
         def work(tag: int) -> None:
@@ -49,7 +50,7 @@ def run(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
             pool.submit(work, method.delivery_tag)
 
         extra["threads"] = int(spec["concurrency"])
-    elif kind == "async_sleep":
+    elif kind in ("async_sleep", "sync_sleep"):  # sequential
         # No concurrency without threads or an event loop: one message at a time.
 
         def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
