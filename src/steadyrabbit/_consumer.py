@@ -14,6 +14,7 @@ from time import monotonic
 from types import CodeType
 from typing import Any
 
+from ._aio import finish
 from ._amqp import (
     ACCESS_REFUSED,
     NOT_FOUND,
@@ -282,8 +283,9 @@ class Consumer:
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            # Cancelled and awaited, the window keeper included (it may be inside a
+            # basic.qos): none outlives this call, and an error of its own is raised here.
+            await finish(waiters, patience=0)
         if self._stopping.is_set():
             return
         self.ready.clear()
