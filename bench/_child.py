@@ -29,6 +29,7 @@ MODULES = {
     # Each library at its own defaults (spec["defaults"]): no concurrency or prefetch given.
     "steadyrabbit+defaults": "steadyrabbit_consumer",
     "pika+defaults": "pika_consumer",
+    "pika+batched-acks": "pika_consumer",
     "pika": "pika_consumer",
     "aio-pika": "aiopika_consumer",
     "aio-pika+uvloop": "aiopika_consumer",

@@ -64,6 +64,9 @@ DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4")
 # At the defaults a sleeping handler runs with few slots: fewer messages keep those runs short
 # (steadyrabbit's W2: 16 slots, about 300 msg/s; W3: 1 thread, about 20 msg/s).
 DEFAULTS_SLEEP_MESSAGES = {"async_sleep": 2_000, "sync_sleep": 200}
+# pika+batched-acks: raw pika at p100 acking every 50th delivery with multiple=True, the
+# cheapest raw pika consumer: the CPU reference. Only in W1.
+PIKA_BATCHED = "pika+batched-acks"
 FRAMEWORKS = (
     "steadyrabbit",
     IDS_ON,
@@ -71,6 +74,7 @@ FRAMEWORKS = (
     SR_DEFAULTS,
     "pika",
     PIKA_DEFAULTS,
+    PIKA_BATCHED,
     "aio-pika",
     "aio-pika+uvloop",
     "faststream",
@@ -83,6 +87,7 @@ LABELS = {
     IDS_OFF: "steadyrabbit, ids, idempotency off",
     SR_DEFAULTS: "steadyrabbit at its defaults",
     PIKA_DEFAULTS: "pika at its defaults",
+    PIKA_BATCHED: "pika, batched acks",
 }
 BASELINE = "pika"
 PIKA_SEQUENTIAL_MESSAGES = 100
@@ -164,6 +169,7 @@ def frameworks_for(workload: Workload, frameworks: Sequence[str]) -> list[str]:
         for f in frameworks
         if (f not in ID_FRAMEWORKS or workload.name in ID_WORKLOADS)
         and (f not in DEFAULT_FRAMEWORKS or workload.name in DEFAULT_WORKLOADS)
+        and (f != PIKA_BATCHED or workload.name == "W1")
     ]
 
 
@@ -342,6 +348,8 @@ class Runner:
             spec["idempotency"] = ID_FRAMEWORKS[framework]
         if framework in DEFAULT_FRAMEWORKS:
             spec["defaults"] = True
+        if framework == PIKA_BATCHED:
+            spec["batched_acks"] = True
         measurement = Measurement(framework, workload.name, round_, messages, ok=False)
         try:
             self.declare(framework, queue)
@@ -742,10 +750,28 @@ def targets(rows: Sequence[Row]) -> list[str]:
                 f"{_fmt_rate(goal * peer_rate)} msg/s)"
             )
 
+    def cpu_target() -> None:
+        cpu = {
+            row.framework: row.cpu
+            for row in rows
+            if row.workload.name == "W1" and row.framework in ("steadyrabbit", PIKA_BATCHED)
+        }
+        ours, reference = cpu.get("steadyrabbit"), cpu.get(PIKA_BATCHED)
+        label = "W1 CPU per message ≤ raw pika's with batched acks (the cheapest pika consumer)"
+        if ours is None or reference is None:
+            lines.append(f"- {label}: **not measured** in this run")
+            return
+        verdict = "PASS" if ours <= reference else "MISS"
+        lines.append(
+            f"- {label}: **{verdict}** ({ours:.2f} vs {reference:.2f} s per 10,000 messages "
+            f"= {ours / reference:.2f}x)"
+        )
+
     ratio_target("pika", 1.5, " (raw pika)")
     ratio_target("pika", 1.5, " (raw pika)", IDS_ON, " with ids and idempotency on")
     ratio_target("pika", 2.0, " (raw pika, p100/c100 both)", "steadyrabbit", " at p100/c100")
     ratio_target(PIKA_DEFAULTS, 1.0, " (each at its defaults)", SR_DEFAULTS, " at the defaults")
+    cpu_target()
     ratio_target("aio-pika", 3.0)
     ratio_target("aio-pika+uvloop", 3.0, " (stricter: the same event loop as steadyrabbit)")
     for name in ("W2", "W3"):

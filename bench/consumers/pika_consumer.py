@@ -1,4 +1,5 @@
-"""Raw pika: BlockingConnection, basic_qos(prefetch), one basic_ack per message.
+"""Raw pika: BlockingConnection, basic_qos(prefetch), one basic_ack per message (or, with
+``spec["batched_acks"]``, one ``multiple=True`` ack every prefetch / 2 deliveries).
 
 Handlers are plain callbacks on the connection's thread. pika has no async handlers, so the
 async workload (W2) runs sequentially here (``spec["mode"] == "sequential"``: one blocking
@@ -68,6 +69,20 @@ def run(spec: dict[str, Any], probe: Probe) -> dict[str, Any]:
             probe.handled()
             ack(method.delivery_tag)
 
+    elif spec.get("batched_acks"):
+        # Every 50th delivery (half the prefetch) acks all before it at once; the last too.
+        batch = max(1, int(spec["prefetch"]) // 2)
+
+        def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            probe.start()
+            last = probe.handled()
+            if last or method.delivery_tag % batch == 0:
+                channel.basic_ack(method.delivery_tag, multiple=True)
+                if last:
+                    probe.finish()
+                    channel.stop_consuming()
+
+        extra["acks"] = f"multiple=True every {batch}"
     else:
 
         def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
