@@ -1113,6 +1113,9 @@ METHOD = """\
   100 messages only: about 20 msg/s by construction) for scale, and no ratios are given for W2.
   W3 uses pika's documented thread pattern: the callback hands the message to a pool of 32
   threads, which return the ack to the connection's thread with `add_callback_threadsafe`.
+  *pika, batched acks* (W1 only): the same consumer acking every 50th delivery (half the
+  prefetch) and the last one with `multiple=True`, the cheapest raw pika consumer there is: the
+  reference for CPU per message. *at its defaults*: no `basic.qos`, the handler in the callback.
 - **aio-pika**: `connect_robust`, `channel.set_qos(prefetch_count=...)`, `queue.consume`,
   `await message.ack()` in the callback; aio-pika runs each delivery's callback as a task. W3:
   `loop.run_in_executor` on a pool of 32 threads. Measured on the default asyncio loop and on
