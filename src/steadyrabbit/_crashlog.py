@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from time import time
 
+from ._sqlite import open_shared
+
 
 def default_state_dir() -> Path:
     explicit = os.environ.get("STEADYRABBIT_STATE_DIR")
@@ -25,6 +27,17 @@ def default_state_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
     return Path(base) / "steadyrabbit"
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    with db:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS unfinished (key TEXT PRIMARY KEY, "
+            "count INTEGER NOT NULL, updated REAL NOT NULL)"
+        )
+        db.execute("DELETE FROM unfinished WHERE updated < ?", (time() - _FORGET_AFTER,))
 
 
 class CrashLog:
@@ -44,22 +57,9 @@ class CrashLog:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, check_same_thread=False)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-                with db:
-                    db.execute(
-                        "CREATE TABLE IF NOT EXISTS unfinished (key TEXT PRIMARY KEY, "
-                        "count INTEGER NOT NULL, updated REAL NOT NULL)"
-                    )
-                    db.execute(
-                        "DELETE FROM unfinished WHERE updated < ?", (time() - _FORGET_AFTER,)
-                    )
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
+            self._db = open_shared(
+                self.path, _set_up, timeout=_BUSY_TIMEOUT, check_same_thread=False
+            )
         return self._db
 
     def check(self) -> None:

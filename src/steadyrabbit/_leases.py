@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ._sqlite import open_shared
+
 log = logging.getLogger("steadyrabbit")
 
 __all__ = [
@@ -207,6 +209,28 @@ _Waited = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 # -- SQLite: one host ----------------------------------------------------------------------------
 
 
+_BUSY_TIMEOUT = 5.0
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    # A done record lost to a power cut costs at most a duplicate run; a fsync per
+    # transaction would cost every message.
+    db.execute("PRAGMA synchronous=NORMAL")
+    # A batch's statement writes many rows, so SQLite journals the pages it changes to be
+    # able to undo that statement alone; in a temporary file, that journal cost a third of
+    # the store's time per row (measured), in memory it is a copy of each page.
+    db.execute("PRAGMA temp_store=MEMORY")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS leases ("
+        " key TEXT PRIMARY KEY, state TEXT NOT NULL, token TEXT NOT NULL,"
+        " owner TEXT NOT NULL, expires REAL NOT NULL, updated REAL NOT NULL)"
+    )
+    # No index beside the key: every message writes its row twice, and the hourly prune
+    # can afford a scan.
+    db.execute("DROP INDEX IF EXISTS leases_expires")
+
+
 class SQLiteLeaseStore:
     """Leases and done records in a SQLite file (WAL), for the workers of one host.
 
@@ -238,24 +262,13 @@ class SQLiteLeaseStore:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        # A done record lost to a power cut costs at most a duplicate run; a fsync per
-        # transaction would cost every message.
-        db.execute("PRAGMA synchronous=NORMAL")
-        # A batch's statement writes many rows, so SQLite journals the pages it changes to be
-        # able to undo that statement alone; in a temporary file, that journal cost a third of
-        # the store's time per row (measured), in memory it is a copy of each page.
-        db.execute("PRAGMA temp_store=MEMORY")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS leases ("
-            " key TEXT PRIMARY KEY, state TEXT NOT NULL, token TEXT NOT NULL,"
-            " owner TEXT NOT NULL, expires REAL NOT NULL, updated REAL NOT NULL)"
+        self._db = open_shared(
+            self.path,
+            _set_up,
+            timeout=_BUSY_TIMEOUT,
+            isolation_level=None,
+            check_same_thread=False,
         )
-        # No index beside the key: every message writes its row twice, and the hourly prune
-        # can afford a scan.
-        db.execute("DROP INDEX IF EXISTS leases_expires")
-        self._db = db
 
     async def close(self) -> None:
         self.write_now()
