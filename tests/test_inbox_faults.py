@@ -25,7 +25,10 @@ from steadyrabbit import App, Message, PostgresInbox, Worker
 from tests._broker import BrokerNode
 from tests.conftest import Admin, MakeSettings, eventually
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+# The test waits up to 240 s for its rows (a kill every 2 s slows the three workers down
+# the more, the busier the machine: 70 s alone, over 120 s beside a soak): its timeout is
+# longer than that wait, so that a slow run fails with what was missing, not a stack dump.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
 
 POSTGRES_URL = os.environ.get(
     "STEADYRABBIT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
