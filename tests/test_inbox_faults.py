@@ -130,6 +130,19 @@ async def test_three_workers_under_connection_kills_write_every_row_exactly_once
         killer = asyncio.create_task(kill_connections(stop))
         try:
             await eventually(every_row, within=240, what="every message's row")
+        except AssertionError as exc:
+            # Say where the missing rows are: still queued, unacked, or never run.
+            rows, distinct = await count()
+            listing = await asyncio.to_thread(
+                private_node.ctl,
+                "list_queues", "name", "messages_ready", "messages_unacknowledged", "consumers",
+                "--no-table-headers", "--quiet",
+            )
+            stats = [vars(worker.stats) for worker in workers]
+            raise AssertionError(
+                f"{exc}: {distinct} of {MESSAGES} rows ({rows} in all); queues: {listing!r}; "
+                f"refused by the inbox: {len(refused)}; workers: {stats}"
+            ) from None
         finally:
             stop.set()
             kills = await killer
