@@ -54,10 +54,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from .._amqp import blocking_probe
 
 __all__ = ["BrokerNode", "Cluster", "find_rabbitmq_bin", "start_cluster", "start_node"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 #: Where Debian's and Ubuntu's ``rabbitmq-server`` package installs the scripts.
 DEBIAN_RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -601,19 +605,11 @@ class Cluster:
     def stop(self) -> None:
         """Stop every node, all at once: one after the other, each stop waits out the
         others' goodbyes (about 8 s a node on a three-node cluster)."""
-        errors: list[BaseException] = []
-
-        def stop(node: BrokerNode) -> None:
-            try:
-                node.stop()
-            except BaseException as exc:  # noqa: BLE001 - raised below, after the others
-                errors.append(exc)
-
-        threads = [threading.Thread(target=stop, args=(node,)) for node in self.nodes]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = [
+            outcome
+            for outcome in _all_at_once(lambda node: node.stop(), self.nodes)
+            if isinstance(outcome, BaseException)
+        ]
         if errors:
             raise errors[0]
 
@@ -629,6 +625,26 @@ class Cluster:
         self.stop()
 
 
+def _all_at_once(call: Callable[[_T], _R], items: Iterable[_T]) -> list[_R | BaseException]:
+    """``call(item)`` for every item, each in a thread of its own, all at once; what each
+    returned or raised, in order (nothing is raised here: the caller sees every outcome)."""
+    items = list(items)
+    outcomes: list[_R | BaseException] = [RuntimeError("not run")] * len(items)
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = call(items[index])
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller with the others
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
 def start_cluster(base_dir: Path | str, size: int = 3, **node_options: object) -> Cluster:
     """Start ``size`` private nodes (in parallel, with one cookie) and join them into one
     cluster; ``node_options`` are :func:`start_node`'s. Returns once every node takes AMQP
@@ -636,19 +652,10 @@ def start_cluster(base_dir: Path | str, size: int = 3, **node_options: object) -
     if size < 1:
         raise ValueError("a cluster has at least one node")
     cookie = secrets.token_hex(16).upper()
-    started: list[BrokerNode | BaseException] = [RuntimeError("not started")] * size
-
-    def start(index: int) -> None:
-        try:
-            started[index] = start_node(base_dir, cookie=cookie, **node_options)  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - raised below, after the others
-            started[index] = exc
-
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    started = _all_at_once(
+        lambda _index: start_node(base_dir, cookie=cookie, **node_options),  # type: ignore[arg-type]
+        range(size),
+    )
     nodes = [n for n in started if isinstance(n, BrokerNode)]
     errors = [e for e in started if not isinstance(e, BrokerNode)]
     if errors:
