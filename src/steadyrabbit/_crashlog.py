@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from time import time
 
-from ._sqlite import open_shared
+from ._sqlite import BUSY_TIMEOUT, open_shared
 
 
 def default_state_dir() -> Path:
@@ -58,7 +58,7 @@ class CrashLog:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = open_shared(
-                self.path, _set_up, timeout=_BUSY_TIMEOUT, check_same_thread=False
+                self.path, _set_up, timeout=BUSY_TIMEOUT, check_same_thread=False
             )
         return self._db
 
@@ -113,6 +113,5 @@ class CrashLog:
 # A record older than this belongs to a message that was settled elsewhere (another machine,
 # a purge): a week is far beyond any redelivery cycle.
 _FORGET_AFTER = 7 * 24 * 3600.0
-# How long a write waits for another process's lock before it counts as a failure of the log
+# A write that waits BUSY_TIMEOUT for another process's lock counts as a failure of the log
 # (logged; the message is handled without it): real writes take milliseconds.
-_BUSY_TIMEOUT = 5.0

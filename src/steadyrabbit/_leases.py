@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ._sqlite import open_shared
+from ._sqlite import BUSY_TIMEOUT, open_shared
 
 log = logging.getLogger("steadyrabbit")
 
@@ -209,9 +209,6 @@ _Waited = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 # -- SQLite: one host ----------------------------------------------------------------------------
 
 
-_BUSY_TIMEOUT = 5.0
-
-
 def _set_up(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA journal_mode=WAL")
     # A done record lost to a power cut costs at most a duplicate run; a fsync per
@@ -265,7 +262,7 @@ class SQLiteLeaseStore:
         self._db = open_shared(
             self.path,
             _set_up,
-            timeout=_BUSY_TIMEOUT,
+            timeout=BUSY_TIMEOUT,
             isolation_level=None,
             check_same_thread=False,
         )

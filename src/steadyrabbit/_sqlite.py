@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: How long a worker waits for another process's lock on a state file, opening or writing.
+BUSY_TIMEOUT = 5.0
 # Between two attempts to open a file another process is setting up (milliseconds of work).
 _RETRY_PAUSE = 0.01
 
